@@ -1,0 +1,309 @@
+//! The tree as the runtime sees it: every child flattened into an arena, dependencies resolved
+//! to ids, and the start order computed — all checked once, when the tree is built.
+//!
+//! Ordering rules, stated as events (`told(n)`, `ack(n)`; mirrored for start):
+//! a supervisor is told before its children and acknowledges after them; a dependency is told
+//! only after each of its dependents acknowledged. If those edges form a cycle no order exists,
+//! and the build fails naming the cycle. The start order is the mirror image, with ties broken by
+//! declaration order.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::BuildError;
+use crate::protocol::NodeId;
+use crate::spec::{ChildSpec, Placement, SpecKind, WorkerControl};
+
+/// The root's id: the arena's first node, a supervisor with the tree's name.
+pub(crate) const ROOT: NodeId = NodeId(0);
+
+pub(crate) struct Node {
+    pub(crate) name: String,
+    pub(crate) parent: Option<NodeId>,
+    pub(crate) children: Vec<NodeId>,
+    pub(crate) deps: Vec<NodeId>,
+    pub(crate) dependents: Vec<NodeId>,
+    pub(crate) budget: Option<Duration>,
+    pub(crate) placement: Placement,
+    /// `Some` for a worker.
+    pub(crate) worker: Option<Arc<dyn WorkerControl>>,
+}
+
+pub(crate) struct Graph {
+    pub(crate) nodes: Vec<Node>,
+    /// Workers in the order they start.
+    pub(crate) start_order: Vec<NodeId>,
+}
+
+impl Graph {
+    pub(crate) fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id.index()]
+    }
+
+    /// `parent/child` path from the root (the root itself is the empty path).
+    pub(crate) fn path(&self, id: NodeId) -> String {
+        let mut segments = Vec::new();
+        let mut cur = Some(id);
+        while let Some(n) = cur {
+            if n == ROOT {
+                break;
+            }
+            segments.push(self.node(n).name.as_str());
+            cur = self.node(n).parent;
+        }
+        segments.reverse();
+        segments.join("/")
+    }
+
+    /// Builds and checks the graph from the root's children.
+    pub(crate) fn build(
+        tree_name: &str,
+        children: Vec<ChildSpec>,
+        pools: &HashMap<String, usize>,
+    ) -> Result<Graph, BuildError> {
+        let mut g = Graph {
+            nodes: vec![Node {
+                name: tree_name.to_owned(),
+                parent: None,
+                children: Vec::new(),
+                deps: Vec::new(),
+                dependents: Vec::new(),
+                budget: None,
+                placement: Placement::Parent,
+                worker: None,
+            }],
+            start_order: Vec::new(),
+        };
+        let mut declared_deps: Vec<Vec<String>> = vec![Vec::new()];
+        // Depth-first, parents before children, so ids follow declaration order.
+        let mut stack: Vec<(NodeId, std::vec::IntoIter<ChildSpec>)> =
+            vec![(ROOT, children.into_iter())];
+        while let Some((parent, iter)) = stack.last_mut() {
+            let parent = *parent;
+            let Some(spec) = iter.next() else {
+                stack.pop();
+                continue;
+            };
+            let id = NodeId(g.nodes.len() as u32);
+            let common = spec.common;
+            let parent_path = g.path(parent);
+            if common.name.is_empty() || common.name.contains('/') {
+                return Err(BuildError::InvalidName {
+                    parent: parent_path,
+                    name: common.name,
+                });
+            }
+            if g.node(parent)
+                .children
+                .iter()
+                .any(|&c| g.node(c).name == common.name)
+            {
+                return Err(BuildError::DuplicateName {
+                    parent: parent_path,
+                    name: common.name,
+                });
+            }
+            let path = join(&parent_path, &common.name);
+            if common.budget == Some(Duration::ZERO) {
+                return Err(BuildError::ZeroDuration {
+                    what: format!("budget of `{path}`"),
+                });
+            }
+            if let Placement::Pool(pool) = &common.placement {
+                match pools.get(pool) {
+                    None => {
+                        return Err(BuildError::UnknownPool {
+                            child: path,
+                            pool: pool.clone(),
+                        })
+                    }
+                    Some(0) => return Err(BuildError::EmptyPool(pool.clone())),
+                    Some(_) => {}
+                }
+            }
+            g.nodes[parent.index()].children.push(id);
+            declared_deps.push(common.depends_on);
+            let (worker, grandchildren) = match spec.kind {
+                SpecKind::Worker(w) => (Some(w), None),
+                SpecKind::Supervisor(children) => (None, Some(children)),
+            };
+            g.nodes.push(Node {
+                name: common.name,
+                parent: Some(parent),
+                children: Vec::new(),
+                deps: Vec::new(),
+                dependents: Vec::new(),
+                budget: common.budget,
+                placement: common.placement,
+                worker,
+            });
+            if let Some(children) = grandchildren {
+                stack.push((id, children.into_iter()));
+            }
+        }
+        g.resolve_deps(declared_deps)?;
+        g.check_cycles()?;
+        g.start_order = g.compute_start_order();
+        Ok(g)
+    }
+
+    fn resolve_deps(&mut self, declared: Vec<Vec<String>>) -> Result<(), BuildError> {
+        let by_path: HashMap<String, NodeId> = (1..self.nodes.len())
+            .map(|i| (self.path(NodeId(i as u32)), NodeId(i as u32)))
+            .collect();
+        for (i, names) in declared.into_iter().enumerate() {
+            let id = NodeId(i as u32);
+            for name in names {
+                let parent = self.node(id).parent.unwrap_or(ROOT);
+                let sibling = self
+                    .node(parent)
+                    .children
+                    .iter()
+                    .copied()
+                    .find(|&c| self.node(c).name == name);
+                let Some(dep) = sibling.or_else(|| by_path.get(&name).copied()) else {
+                    return Err(BuildError::UnknownDependency {
+                        child: self.path(id),
+                        dependency: name,
+                    });
+                };
+                if !self.nodes[i].deps.contains(&dep) {
+                    self.nodes[i].deps.push(dep);
+                    self.nodes[dep.index()].dependents.push(id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Successors of an event in the stop-order graph. Event `2n` is `told(n)`, `2n+1` is `ack(n)`.
+    fn stop_edges(&self, event: usize, out: &mut Vec<usize>) {
+        out.clear();
+        let n = &self.nodes[event / 2];
+        if event % 2 == 0 {
+            out.push(event + 1);
+            out.extend(n.children.iter().map(|c| c.index() * 2));
+        } else {
+            if let Some(p) = n.parent {
+                out.push(p.index() * 2 + 1);
+            }
+            out.extend(n.deps.iter().map(|d| d.index() * 2));
+        }
+    }
+
+    fn check_cycles(&self) -> Result<(), BuildError> {
+        const WHITE: u8 = 0;
+        const GREY: u8 = 1;
+        const BLACK: u8 = 2;
+        let events = self.nodes.len() * 2;
+        let mut color = vec![WHITE; events];
+        let mut scratch = Vec::new();
+        for start in 0..events {
+            if color[start] != WHITE {
+                continue;
+            }
+            // Iterative DFS; the stack holds (event, its successors, next successor index).
+            let mut stack: Vec<(usize, Vec<usize>, usize)> = Vec::new();
+            self.stop_edges(start, &mut scratch);
+            stack.push((start, scratch.clone(), 0));
+            color[start] = GREY;
+            while let Some((event, succ, idx)) = stack.last_mut() {
+                if *idx == succ.len() {
+                    color[*event] = BLACK;
+                    stack.pop();
+                    continue;
+                }
+                let next = succ[*idx];
+                *idx += 1;
+                match color[next] {
+                    WHITE => {
+                        color[next] = GREY;
+                        self.stop_edges(next, &mut scratch);
+                        stack.push((next, scratch.clone(), 0));
+                    }
+                    GREY => {
+                        let from = stack.iter().position(|(e, _, _)| *e == next).unwrap_or(0);
+                        let mut cycle: Vec<String> = Vec::new();
+                        for (e, _, _) in &stack[from..] {
+                            let path = self.display_path(NodeId((e / 2) as u32));
+                            if cycle.last() != Some(&path) {
+                                cycle.push(path);
+                            }
+                        }
+                        let first = cycle.first().cloned().unwrap_or_default();
+                        if cycle.last() != Some(&first) || cycle.len() == 1 {
+                            cycle.push(first);
+                        }
+                        return Err(BuildError::Cycle(cycle));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn display_path(&self, id: NodeId) -> String {
+        if id == ROOT {
+            self.node(ROOT).name.clone()
+        } else {
+            self.path(id)
+        }
+    }
+
+    /// Workers in start order: the mirror of the stop order, ties broken by declaration order.
+    /// Start events: `begin(n)` = 2n, `done(n)` = 2n+1. begin(p) → begin(c); done(c) → done(p);
+    /// done(dep) → begin(dependent); begin(n) → done(n).
+    fn compute_start_order(&self) -> Vec<NodeId> {
+        let n = self.nodes.len();
+        let mut indegree = vec![0u32; n * 2];
+        for (i, node) in self.nodes.iter().enumerate() {
+            indegree[i * 2 + 1] += 1 + node.children.len() as u32;
+            indegree[i * 2] += node.deps.len() as u32 + u32::from(node.parent.is_some());
+        }
+        let mut ready: BinaryHeap<Reverse<(usize, usize)>> = BinaryHeap::new();
+        for (e, d) in indegree.iter().enumerate() {
+            if *d == 0 {
+                ready.push(Reverse((e / 2, e)));
+            }
+        }
+        let mut order = Vec::new();
+        let release =
+            |e: usize, indegree: &mut Vec<u32>, ready: &mut BinaryHeap<Reverse<(usize, usize)>>| {
+                indegree[e] -= 1;
+                if indegree[e] == 0 {
+                    ready.push(Reverse((e / 2, e)));
+                }
+            };
+        while let Some(Reverse((i, e))) = ready.pop() {
+            let node = &self.nodes[i];
+            if e % 2 == 0 {
+                if node.worker.is_some() {
+                    order.push(NodeId(i as u32));
+                }
+                release(e + 1, &mut indegree, &mut ready);
+                for c in &node.children {
+                    release(c.index() * 2, &mut indegree, &mut ready);
+                }
+            } else {
+                if let Some(p) = node.parent {
+                    release(p.index() * 2 + 1, &mut indegree, &mut ready);
+                }
+                for d in &node.dependents {
+                    release(d.index() * 2, &mut indegree, &mut ready);
+                }
+            }
+        }
+        order
+    }
+}
+
+pub(crate) fn join(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{parent}/{name}")
+    }
+}

@@ -1,0 +1,66 @@
+//! Supervision trees for [actix](https://docs.rs/actix) actors: start in order, shut down
+//! gracefully, report what happened.
+//!
+//! A [`Tree`] holds supervisors and workers. Workers are plain actix actors (`Context<Self>`)
+//! that implement [`Worker`], whose two hooks are optional. On shutdown — a signal, or
+//! [`TreeHandle::shutdown`] from anywhere — every worker is sent [`Stopping`] through its mailbox,
+//! after everything queued before it; it stops intake, handles every message it accepted, flushes,
+//! and acknowledges. Dependents stop before their dependencies, supervisors after their
+//! children, each within its budget — and a [`ShutdownReport`] says who drained, who timed out,
+//! who panicked, and what was dropped.
+//!
+//! ```no_run
+//! use actix::prelude::*;
+//! use actix_supervisor::{ChildSpec, Worker, Tree};
+//!
+//! struct Counter(u64);
+//! impl Actor for Counter { type Context = Context<Self>; }
+//! impl Worker for Counter {}
+//!
+//! #[derive(Message)]
+//! #[rtype(result = "()")]
+//! struct Add(u64);
+//! impl Handler<Add> for Counter {
+//!     type Result = ();
+//!     fn handle(&mut self, m: Add, _: &mut Context<Self>) { self.0 += m.0; }
+//! }
+//!
+//! #[actix::main]
+//! async fn main() {
+//!     let counter = ChildSpec::worker("counter", || Counter(0));
+//!     let addr = counter.addr();
+//!     let tree = Tree::builder("demo").child(counter).handle_signals(true).build().unwrap();
+//!     let handle = tree.start().await.unwrap();
+//!     addr.do_send(Add(1)).unwrap();
+//!     let report = handle.shutdown("done").await; // or wait for SIGTERM: handle.wait().await
+//!     eprintln!("{report}");
+//!     std::process::exit(report.exit_code());
+//! }
+//! ```
+//!
+//! See `ARCHITECTURE.md` for how it works and `examples/pipeline.rs` for a whole service.
+
+#![warn(missing_docs)]
+
+mod addr;
+mod error;
+mod graph;
+mod mailbox;
+mod protocol;
+mod report;
+mod runtime;
+mod signals;
+mod spec;
+mod tree;
+mod worker;
+
+pub use addr::ChildAddr;
+pub use error::{BoxError, BuildError, StartError};
+pub use protocol::{DrainStats, Outcome, Stopping};
+pub use report::{
+    ChildKind, ChildReport, ShutdownReport, TreeOutcome, EXIT_CLEAN, EXIT_FAILED, EXIT_FORCED,
+    EXIT_TIMED_OUT,
+};
+pub use spec::{ChildSpec, Placement, SupervisorSpec, WorkerSpec};
+pub use tree::{Phase, Tree, TreeBuilder, TreeHandle};
+pub use worker::{HookFuture, InFlight, InFlightGuard, Worker};

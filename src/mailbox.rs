@@ -1,0 +1,277 @@
+//! The mailbox the tree keeps in front of each worker.
+//!
+//! actix's own mailbox cannot be closed from the inside, has no length, and dies with the actor.
+//! This one is owned by the tree instead, which is what lets it promise the protocol's rules:
+//! `Stopping` is queued behind everything accepted before it; the gate closes atomically, so a
+//! send either is accepted (and will be handled or counted as dropped) or fails at the sender;
+//! and `accepted - handled` is exact, so the report can count what an abort dropped. Because it
+//! outlives any one actor instance, the address handed out for a child stays the same for the
+//! tree's whole life.
+//!
+//! The worker side takes the whole queue in one swap and handles the batch without locking, so a
+//! busy worker pays for one lock per batch, a sender for one uncontended lock per message.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::Waker;
+
+use actix::Actor;
+use parking_lot::Mutex;
+
+use crate::protocol::Stopping;
+
+/// One accepted message, already bound to the handler that will run it.
+pub(crate) type Job<A> = Box<dyn Runnable<A>>;
+
+/// A message boxed with the knowledge of how to handle it, so one queue holds every message type.
+pub(crate) trait Runnable<A: Actor>: Send {
+    fn run(self: Box<Self>, act: &mut A, ctx: &mut A::Context);
+    /// Hands the box back as `Any`, so a refused sender can recover its message.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
+}
+
+/// What travels through a worker's mailbox.
+pub(crate) enum Envelope<A: Actor> {
+    /// A user message.
+    Message(Job<A>),
+    /// The tree's `Stopping` order; its details wait in [`State::stop_order`].
+    Stop,
+}
+
+pub(crate) struct Mailbox<A: Actor> {
+    state: Mutex<State<A>>,
+    /// Messages handled over the child's life. Written only by the worker's own task.
+    handled: AtomicU64,
+    /// Bound on queued messages for `try_send`/`send`; 0 means unbounded.
+    capacity: AtomicUsize,
+    /// The current instance acknowledged its `Stopping`.
+    acked: AtomicBool,
+    /// Senders waiting in `send` for room in a full mailbox.
+    room: tokio::sync::Notify,
+}
+
+struct State<A: Actor> {
+    queue: VecDeque<Envelope<A>>,
+    /// Messages ever accepted (pushed while open).
+    accepted: u64,
+    closed: bool,
+    /// The worker found the queue empty and waits for a push to wake it.
+    parked: bool,
+    waker: Option<Waker>,
+    /// The runtime asked for the task to be cancelled.
+    abort: bool,
+    stop_order: Option<Stopping>,
+    senders_waiting_for_room: usize,
+}
+
+/// Why a push was refused; the caller gets its message back.
+pub(crate) enum Refused<T> {
+    Closed(T),
+    Full(T),
+}
+
+impl<A: Actor> Mailbox<A> {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Mailbox {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                accepted: 0,
+                closed: false,
+                parked: false,
+                waker: None,
+                abort: false,
+                stop_order: None,
+                senders_waiting_for_room: 0,
+            }),
+            handled: AtomicU64::new(0),
+            capacity: AtomicUsize::new(capacity),
+            acked: AtomicBool::new(false),
+            room: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Accepts a message unless the mailbox is closed, or full and `respect_capacity` is set.
+    pub(crate) fn push(&self, job: Job<A>, respect_capacity: bool) -> Result<(), Refused<Job<A>>> {
+        let waker = {
+            let mut st = self.state.lock();
+            if st.closed {
+                return Err(Refused::Closed(job));
+            }
+            if respect_capacity && self.is_full(&st) {
+                return Err(Refused::Full(job));
+            }
+            st.queue.push_back(Envelope::Message(job));
+            st.accepted += 1;
+            st.take_waker_if_parked()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// Waits until the mailbox has room (or is closed). Used by `send` on a bounded mailbox.
+    pub(crate) async fn wait_for_room(&self) {
+        loop {
+            let notified = self.room.notified();
+            {
+                let mut st = self.state.lock();
+                if st.closed || !self.is_full(&st) {
+                    return;
+                }
+                st.senders_waiting_for_room += 1;
+            }
+            notified.await;
+            self.state.lock().senders_waiting_for_room -= 1;
+        }
+    }
+
+    /// Queues the `Stopping` order behind everything accepted so far. Returns false when the
+    /// mailbox is already closed (the worker acknowledged or is gone).
+    pub(crate) fn push_stop(&self, order: Stopping) -> bool {
+        let waker = {
+            let mut st = self.state.lock();
+            if st.closed || st.stop_order.is_some() {
+                return false;
+            }
+            st.stop_order = Some(order);
+            st.queue.push_back(Envelope::Stop);
+            st.take_waker_if_parked()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
+    pub(crate) fn take_stop_order(&self) -> Option<Stopping> {
+        self.state.lock().stop_order.clone()
+    }
+
+    /// Moves everything queued into `batch` (which must be empty). When there is nothing, the
+    /// worker is parked and `waker` will be woken by the next push.
+    pub(crate) fn take_batch(&self, batch: &mut VecDeque<Envelope<A>>, waker: &Waker) {
+        debug_assert!(batch.is_empty());
+        let notify_room = {
+            let mut st = self.state.lock();
+            if st.queue.is_empty() {
+                st.parked = true;
+                st.set_waker(waker);
+                false
+            } else {
+                std::mem::swap(&mut st.queue, batch);
+                st.senders_waiting_for_room > 0
+            }
+        };
+        if notify_room {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Closes the gate if nothing is queued; otherwise leaves it open and returns false, so that
+    /// the worker handles what slipped in first.
+    pub(crate) fn close_if_empty(&self) -> bool {
+        let mut st = self.state.lock();
+        if st.queue.is_empty() {
+            st.closed = true;
+            drop(st);
+            self.room.notify_waiters();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Closes the gate whatever is queued (the child is gone or aborted).
+    pub(crate) fn close(&self) {
+        self.state.lock().closed = true;
+        self.room.notify_waiters();
+    }
+
+    /// Puts back messages a dying instance took but did not handle, ahead of newer ones.
+    pub(crate) fn give_back(&self, batch: &mut VecDeque<Envelope<A>>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut st = self.state.lock();
+        while let Some(env) = batch.pop_back() {
+            st.queue.push_front(env);
+        }
+    }
+
+    /// Records the task's current waker so that an abort can wake it wherever it waits.
+    pub(crate) fn register_waker(&self, waker: &Waker) {
+        self.state.lock().set_waker(waker);
+    }
+
+    /// Asks the worker's task to end at its next poll, and wakes it for that.
+    pub(crate) fn request_abort(&self) {
+        let waker = {
+            let mut st = self.state.lock();
+            st.abort = true;
+            st.closed = true;
+            st.waker.clone()
+        };
+        self.room.notify_waiters();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn abort_requested(&self) -> bool {
+        self.state.lock().abort
+    }
+
+    pub(crate) fn add_handled(&self, n: u64) {
+        // Single writer: the worker's task. A load and a store avoid a locked instruction.
+        let h = self.handled.load(Ordering::Relaxed);
+        self.handled.store(h + n, Ordering::Release);
+    }
+
+    pub(crate) fn handled(&self) -> u64 {
+        self.handled.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn accepted(&self) -> u64 {
+        self.state.lock().accepted
+    }
+
+    fn is_full(&self, st: &State<A>) -> bool {
+        let cap = self.capacity.load(Ordering::Relaxed);
+        cap != 0 && st.queue.len() >= cap
+    }
+
+    pub(crate) fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity, Ordering::Relaxed);
+    }
+
+    pub(crate) fn mark_acked(&self) {
+        self.acked.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_acked(&self) -> bool {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+}
+
+impl<A: Actor> State<A> {
+    fn take_waker_if_parked(&mut self) -> Option<Waker> {
+        if self.parked {
+            self.parked = false;
+            self.waker.clone()
+        } else {
+            None
+        }
+    }
+
+    fn set_waker(&mut self, waker: &Waker) {
+        match &self.waker {
+            Some(w) if w.will_wake(waker) => {}
+            _ => self.waker = Some(waker.clone()),
+        }
+    }
+}

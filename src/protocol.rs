@@ -1,0 +1,131 @@
+//! The shutdown protocol's vocabulary: what a child is told, what it answers, and how it ended.
+//!
+//! Everything above this module (workers, the runtime, the report) speaks in these types, so they
+//! depend on nothing else in the crate.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The order a child receives when the tree drains: stop intake, finish what was accepted,
+/// acknowledge before `deadline`.
+///
+/// A worker sees it in [`Worker::on_stopping`](crate::Worker::on_stopping), after every
+/// message that was queued before it.
+#[derive(Clone, Debug)]
+pub struct Stopping {
+    /// Why the tree is shutting down (`"SIGTERM"`, or the reason given to
+    /// [`TreeHandle::shutdown`](crate::TreeHandle::shutdown)).
+    pub reason: Arc<str>,
+    /// The instant by which this child must have acknowledged; after it the child is aborted.
+    /// It is the earlier of the child's own budget and its parent's deadline.
+    pub deadline: Instant,
+}
+
+impl Stopping {
+    /// Time left until the deadline (zero once it has passed).
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+/// How one child's life in the tree ended, as the report records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(tag = "kind", content = "detail"))]
+pub enum Outcome {
+    /// Drained everything it had accepted and acknowledged in time.
+    Drained,
+    /// Did not acknowledge by its deadline (or the drain was forced) and was aborted.
+    TimedOut,
+    /// Panicked; the payload is the panic message.
+    Panicked(String),
+    /// Stopped with an error (for example its start failed).
+    Failed(String),
+    /// Was not running when the shutdown reached it (never started, or already stopped).
+    NotRunning,
+}
+
+impl Outcome {
+    /// A one-word label, as used in the printed report.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Drained => "drained",
+            Outcome::TimedOut => "TIMED OUT",
+            Outcome::Panicked(_) => "PANICKED",
+            Outcome::Failed(_) => "FAILED",
+            Outcome::NotRunning => "not running",
+        }
+    }
+
+    /// True for the outcomes that make a shutdown unclean.
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            Outcome::TimedOut | Outcome::Panicked(_) | Outcome::Failed(_)
+        )
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Panicked(msg) => write!(f, "panicked: {msg}"),
+            Outcome::Failed(msg) => write!(f, "failed: {msg}"),
+            other => f.write_str(other.label()),
+        }
+    }
+}
+
+/// What a worker reports with its acknowledgement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrainStats {
+    /// Messages handled between being told `Stopping` and acknowledging (the backlog it had,
+    /// plus what arrived while it drained).
+    pub drained: u64,
+}
+
+/// Index of a child in the runtime's arena; stable for the tree's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct NodeId(pub(crate) u32);
+
+impl NodeId {
+    pub(crate) fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// How a child instance's task ended, when it ended without acknowledging a `Stopping`.
+#[derive(Debug)]
+pub(crate) enum Exit {
+    /// The actor stopped on its own (it called `ctx.stop()`).
+    Stopped,
+    /// A handler or hook panicked.
+    Panicked(String),
+    /// The instance could not be made (its factory failed).
+    Failed(String),
+}
+
+/// What children tell the runtime. One unbounded channel per tree carries them all.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The instance ran `started` (and any `ctx.wait` it set up there) and is handling messages.
+    Started(NodeId),
+    /// The instance finished draining and acknowledged.
+    Acked(NodeId, DrainStats),
+    /// The instance's task ended without an acknowledgement.
+    Exited(NodeId, Exit),
+}
+
+pub(crate) type EventTx = tokio::sync::mpsc::UnboundedSender<Event>;
+
+/// Turns a panic payload into the message a person would want to read.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}

@@ -1,0 +1,55 @@
+//! Staged signal handling, for a tree that owns its process's signals.
+//!
+//! First SIGTERM or SIGINT: graceful shutdown. Second: skip the remaining budgets (abort what is
+//! pending, print the report, exit). Third: exit at once. Installing a tokio listener removes the
+//! default action (terminate), which is why the third stage exists.
+
+use crate::report::EXIT_FORCED;
+use crate::tree::TreeHandle;
+
+const LOG: &str = "actix_supervisor::signals";
+
+/// Listens on the current arbiter until the process ends.
+#[cfg(unix)]
+pub(crate) fn listen(handle: TreeHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    actix_rt::spawn(async move {
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                log::error!(target: LOG, "cannot listen for signals: {e}");
+                return;
+            }
+        };
+        let mut count = 0u32;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            count += 1;
+            match count {
+                1 => {
+                    log::info!(target: LOG, "{name}: shutting down gracefully (again to force, a third time to exit at once)");
+                    drop(handle.shutdown(name));
+                }
+                2 => {
+                    log::warn!(target: LOG, "second signal ({name}): aborting what is still pending");
+                    drop(handle.force_shutdown(format!("second signal ({name})")));
+                }
+                _ => {
+                    log::error!(target: LOG, "third signal ({name}): exiting now");
+                    std::process::exit(EXIT_FORCED);
+                }
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+pub(crate) fn listen(_handle: TreeHandle) {
+    log::warn!(target: LOG, "signal handling is only implemented on unix");
+}

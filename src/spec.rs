@@ -1,0 +1,264 @@
+//! Child specifications: what the user declares, before anything runs.
+//!
+//! A spec names a child and says how to make it (a factory, called for every start), how long it
+//! may take to drain (its budget), what it depends on, and where it runs (its placement). Specs
+//! nest: a [`SupervisorSpec`] holds an ordered list of children. The tree checks them all when it
+//! is built (see [`crate::TreeBuilder::build`]).
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::addr::ChildAddr;
+use crate::mailbox::Mailbox;
+use crate::protocol::{EventTx, NodeId, Stopping};
+use crate::worker::{spawn_instance, Worker};
+use crate::BoxError;
+
+/// Where a child runs.
+#[derive(Clone, Debug, Default)]
+pub enum Placement {
+    /// On its parent's arbiter (for a top-level child: the arbiter the tree was started on).
+    #[default]
+    Parent,
+    /// On an arbiter the caller owns.
+    Arbiter(ArbiterHandle),
+    /// On a dedicated arbiter the tree creates under this name (one thread, shared by every child
+    /// that names it), and stops and joins at the end.
+    Named(String),
+    /// Spread round-robin over a pool of arbiters the tree creates, declared with
+    /// [`TreeBuilder::pool`](crate::TreeBuilder::pool).
+    Pool(String),
+}
+
+/// The type-erased face of a worker spec, as the runtime drives it.
+pub(crate) trait WorkerControl: Send + Sync {
+    /// Makes a fresh instance and runs it on the current thread's arbiter.
+    fn start(&self, id: NodeId, events: EventTx) -> Result<(), String>;
+    /// Queues `Stopping`; false when the mailbox is already closed.
+    fn tell(&self, order: Stopping) -> bool;
+    fn abort(&self);
+    fn close(&self);
+    /// (accepted, handled) over the child's life.
+    fn counts(&self) -> (u64, u64);
+    fn handled(&self) -> u64;
+    fn addr_any(&self) -> Box<dyn Any + Send>;
+}
+
+type Factory<A> = dyn Fn() -> Result<A, BoxError> + Send + Sync;
+
+struct WorkerBody<A: Worker> {
+    factory: Box<Factory<A>>,
+    mailbox: Arc<Mailbox<A>>,
+}
+
+impl<A: Worker> WorkerControl for WorkerBody<A> {
+    fn start(&self, id: NodeId, events: EventTx) -> Result<(), String> {
+        spawn_instance(&*self.factory, self.mailbox.clone(), id, events)
+    }
+    fn tell(&self, order: Stopping) -> bool {
+        self.mailbox.push_stop(order)
+    }
+    fn abort(&self) {
+        self.mailbox.request_abort();
+    }
+    fn close(&self) {
+        self.mailbox.close();
+    }
+    fn counts(&self) -> (u64, u64) {
+        (self.mailbox.accepted(), self.mailbox.handled())
+    }
+    fn handled(&self) -> u64 {
+        self.mailbox.handled()
+    }
+    fn addr_any(&self) -> Box<dyn Any + Send> {
+        Box::new(ChildAddr::new(self.mailbox.clone()))
+    }
+}
+
+/// Settings every child kind shares.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Common {
+    pub(crate) name: String,
+    pub(crate) budget: Option<Duration>,
+    pub(crate) depends_on: Vec<String>,
+    pub(crate) placement: Placement,
+}
+
+/// A child of a supervisor: a worker or a supervisor. Made from a [`WorkerSpec`] or a
+/// [`SupervisorSpec`] with `into()`.
+pub struct ChildSpec {
+    pub(crate) common: Common,
+    pub(crate) kind: SpecKind,
+}
+
+pub(crate) enum SpecKind {
+    Worker(Arc<dyn WorkerControl>),
+    Supervisor(Vec<ChildSpec>),
+}
+
+impl fmt::Debug for ChildSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            SpecKind::Worker(_) => "worker",
+            SpecKind::Supervisor(_) => "supervisor",
+        };
+        f.debug_struct("ChildSpec")
+            .field("name", &self.common.name)
+            .field("kind", &kind)
+            .field("budget", &self.common.budget)
+            .field("depends_on", &self.common.depends_on)
+            .finish()
+    }
+}
+
+impl ChildSpec {
+    /// A worker made by `factory`, which is called on the worker's arbiter for every start.
+    pub fn worker<A, F>(name: impl Into<String>, factory: F) -> WorkerSpec<A>
+    where
+        A: Worker,
+        F: Fn() -> A + Send + Sync + 'static,
+    {
+        Self::try_worker(name, move || Ok(factory()))
+    }
+
+    /// A worker whose factory may fail; a failure stops the tree's start with an error naming
+    /// the child and the cause.
+    pub fn try_worker<A, F>(name: impl Into<String>, factory: F) -> WorkerSpec<A>
+    where
+        A: Worker,
+        F: Fn() -> Result<A, BoxError> + Send + Sync + 'static,
+    {
+        WorkerSpec {
+            common: Common {
+                name: name.into(),
+                ..Common::default()
+            },
+            factory: Box::new(factory),
+            mailbox: Arc::new(Mailbox::new(0)),
+        }
+    }
+
+    /// A supervisor with no children yet; same as [`SupervisorSpec::new`].
+    pub fn supervisor(name: impl Into<String>) -> SupervisorSpec {
+        SupervisorSpec::new(name)
+    }
+
+    /// The child's name (unique among its siblings).
+    pub fn name(&self) -> &str {
+        &self.common.name
+    }
+}
+
+/// The spec of one worker: an actix actor implementing [`Worker`].
+pub struct WorkerSpec<A: Worker> {
+    common: Common,
+    factory: Box<Factory<A>>,
+    mailbox: Arc<Mailbox<A>>,
+}
+
+/// Builder methods every spec kind has.
+macro_rules! common_setters {
+    () => {
+        /// How long this child may take from `Stopping` to its acknowledgement (default 5 s for
+        /// a worker; for a supervisor, unbounded except by its parent). Zero is rejected at build.
+        pub fn budget(mut self, budget: Duration) -> Self {
+            self.common.budget = Some(budget);
+            self
+        }
+
+        /// Declares that this child depends on another: the dependency starts first and stops
+        /// last. `name` is a sibling's name, or a path from the root (`"store"`,
+        /// `"broker/router"`) to depend on a child of another supervisor.
+        pub fn depends_on(mut self, name: impl Into<String>) -> Self {
+            self.common.depends_on.push(name.into());
+            self
+        }
+
+        /// Where this child runs (default: its parent's arbiter).
+        pub fn placement(mut self, placement: Placement) -> Self {
+            self.common.placement = placement;
+            self
+        }
+    };
+}
+
+impl<A: Worker> WorkerSpec<A> {
+    common_setters!();
+
+    /// Bounds the mailbox: `try_send` fails with `Full` and `send` waits while this many
+    /// messages are waiting. `do_send` ignores the bound, as in actix. Default: unbounded.
+    pub fn capacity(self, capacity: usize) -> Self {
+        self.mailbox.set_capacity(capacity);
+        self
+    }
+
+    /// The worker's stable address, usable before the tree starts (messages wait in the mailbox)
+    /// and valid for the tree's whole life.
+    pub fn addr(&self) -> ChildAddr<A> {
+        ChildAddr::new(self.mailbox.clone())
+    }
+}
+
+impl<A: Worker> From<WorkerSpec<A>> for ChildSpec {
+    fn from(w: WorkerSpec<A>) -> Self {
+        ChildSpec {
+            common: w.common,
+            kind: SpecKind::Worker(Arc::new(WorkerBody {
+                factory: w.factory,
+                mailbox: w.mailbox,
+            })),
+        }
+    }
+}
+
+/// The spec of a supervisor: an ordered list of children, started in that order (dependencies
+/// first) and stopped dependents-first.
+#[derive(Debug)]
+pub struct SupervisorSpec {
+    common: Common,
+    children: Vec<ChildSpec>,
+}
+
+impl SupervisorSpec {
+    /// A supervisor with no children yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        SupervisorSpec {
+            common: Common {
+                name: name.into(),
+                ..Common::default()
+            },
+            children: Vec::new(),
+        }
+    }
+
+    common_setters!();
+
+    /// Appends a child.
+    pub fn child(mut self, child: impl Into<ChildSpec>) -> Self {
+        self.children.push(child.into());
+        self
+    }
+
+    /// Appends several children.
+    pub fn children<I>(mut self, children: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<ChildSpec>,
+    {
+        self.children.extend(children.into_iter().map(Into::into));
+        self
+    }
+}
+
+impl From<SupervisorSpec> for ChildSpec {
+    fn from(s: SupervisorSpec) -> Self {
+        ChildSpec {
+            common: s.common,
+            kind: SpecKind::Supervisor(s.children),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The public face of a tree: [`TreeBuilder`] to declare and check it, [`Tree`] to start it,
+//! [`TreeHandle`] to watch it, shut it down and await its report.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::addr::ChildAddr;
+use crate::error::{BuildError, StartError};
+use crate::graph::Graph;
+use crate::report::ShutdownReport;
+use crate::runtime::{Config, Runtime, Shared};
+use crate::spec::ChildSpec;
+use crate::worker::Worker;
+
+pub use crate::runtime::Phase;
+
+/// Declares a tree: its top-level children and its tree-wide settings.
+///
+/// ```
+/// use std::time::Duration;
+/// use actix_supervisor::{ChildSpec, SupervisorSpec, Tree};
+/// # use actix::prelude::*;
+/// # struct Store; impl Actor for Store { type Context = Context<Self>; }
+/// # impl actix_supervisor::Worker for Store {}
+/// # struct Api; impl Actor for Api { type Context = Context<Self>; }
+/// # impl actix_supervisor::Worker for Api {}
+///
+/// let tree = Tree::builder("service")
+///     .child(ChildSpec::worker("store", || Store).budget(Duration::from_secs(10)))
+///     .child(SupervisorSpec::new("api").child(ChildSpec::worker("http", || Api)).depends_on("store"))
+///     .deadline(Duration::from_secs(25))
+///     .build()
+///     .expect("a valid tree");
+/// ```
+pub struct TreeBuilder {
+    name: String,
+    children: Vec<ChildSpec>,
+    cfg: Config,
+}
+
+impl TreeBuilder {
+    /// Appends a top-level child.
+    pub fn child(mut self, child: impl Into<ChildSpec>) -> Self {
+        self.children.push(child.into());
+        self
+    }
+
+    /// Appends several top-level children.
+    pub fn children<I>(mut self, children: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<ChildSpec>,
+    {
+        self.children.extend(children.into_iter().map(Into::into));
+        self
+    }
+
+    /// The overall shutdown deadline: whatever is still pending then is aborted.
+    /// Default 30 s, Kubernetes' default grace period.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.cfg.deadline = deadline;
+        self
+    }
+
+    /// Time between readiness turning false and the first `Stopping`, so load balancers stop
+    /// sending traffic first. Default 0.
+    pub fn readiness_grace(mut self, grace: Duration) -> Self {
+        self.cfg.grace = grace;
+        self
+    }
+
+    /// How often, while draining, a line names the children still pending. Default 1 s.
+    pub fn progress_interval(mut self, interval: Duration) -> Self {
+        self.cfg.progress_interval = interval;
+        self
+    }
+
+    /// Shutdown budget of workers that set none. Default 5 s.
+    pub fn worker_budget(mut self, budget: Duration) -> Self {
+        self.cfg.worker_budget = budget;
+        self
+    }
+
+    /// Whether the tree listens for SIGTERM and SIGINT (first: graceful shutdown; second: abort
+    /// what is pending now; third: exit at once). Default false: an embedded tree leaves signals
+    /// to its host. Unix only; ignored elsewhere.
+    pub fn handle_signals(mut self, yes: bool) -> Self {
+        self.cfg.signals = yes;
+        self
+    }
+
+    /// Whether the tree stops the actix `System` when its shutdown is over, with the report's
+    /// exit code. Default false.
+    pub fn stop_system(mut self, yes: bool) -> Self {
+        self.cfg.stop_system = yes;
+        self
+    }
+
+    /// Declares a pool of `arbiters` arbiters (threads) the tree creates, for children placed
+    /// with [`Placement::Pool`](crate::Placement::Pool).
+    pub fn pool(mut self, name: impl Into<String>, arbiters: usize) -> Self {
+        self.cfg.pools.insert(name.into(), arbiters);
+        self
+    }
+
+    /// Checks the specification: names (non-empty, no `/`, unique among siblings), dependencies
+    /// (known, acyclic), durations (non-zero), pools (declared, non-empty).
+    pub fn build(self) -> Result<Tree, BuildError> {
+        for (what, d) in [
+            ("tree deadline", self.cfg.deadline),
+            ("progress interval", self.cfg.progress_interval),
+            ("worker budget", self.cfg.worker_budget),
+        ] {
+            if d.is_zero() {
+                return Err(BuildError::ZeroDuration {
+                    what: what.to_owned(),
+                });
+            }
+        }
+        if let Some((name, _)) = self.cfg.pools.iter().find(|(_, n)| **n == 0) {
+            return Err(BuildError::EmptyPool(name.clone()));
+        }
+        let graph = Graph::build(&self.name, self.children, &self.cfg.pools)?;
+        Ok(Tree {
+            name: self.name,
+            graph,
+            cfg: self.cfg,
+        })
+    }
+}
+
+/// A checked tree, ready to start. See [`Tree::builder`].
+pub struct Tree {
+    name: String,
+    graph: Graph,
+    cfg: Config,
+}
+
+impl fmt::Debug for Tree {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tree")
+            .field("name", &self.name)
+            .field("children", &(self.graph.nodes.len() - 1))
+            .finish()
+    }
+}
+
+impl Tree {
+    /// Starts declaring a tree called `name` (the name appears in logs and the report).
+    pub fn builder(name: impl Into<String>) -> TreeBuilder {
+        TreeBuilder {
+            name: name.into(),
+            children: Vec::new(),
+            cfg: Config {
+                deadline: Duration::from_secs(30),
+                grace: Duration::ZERO,
+                progress_interval: Duration::from_secs(1),
+                worker_budget: Duration::from_secs(5),
+                signals: false,
+                stop_system: false,
+                pools: HashMap::new(),
+            },
+        }
+    }
+
+    /// Starts every child in order and resolves once all have started. Must be called inside a
+    /// running actix `System`; the tree's runtime runs on the current arbiter.
+    ///
+    /// If a child fails to start, what had started is shut down (reverse start order) and the
+    /// error names the child and the cause.
+    pub fn start(self) -> impl Future<Output = Result<TreeHandle, StartError>> {
+        let signals = self.cfg.signals;
+        let (runtime, shared) = Runtime::new(self.graph, self.cfg, self.name);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        actix_rt::spawn(runtime.run(tx));
+        async move {
+            let started = rx.await.map_err(|_| StartError {
+                child: String::new(),
+                cause: "the tree's runtime stopped before finishing the start".into(),
+                report: ShutdownReport::empty(&shared.name, "runtime gone"),
+            })?;
+            match started {
+                Ok(()) => {
+                    let handle = TreeHandle { shared };
+                    if signals {
+                        crate::signals::listen(handle.clone());
+                    }
+                    Ok(handle)
+                }
+                Err((child, cause, report)) => Err(StartError {
+                    child,
+                    cause,
+                    report,
+                }),
+            }
+        }
+    }
+
+    /// Starts the tree, waits for its shutdown (from a signal when
+    /// [`handle_signals`](TreeBuilder::handle_signals) is set, or from a handle), and returns the
+    /// report.
+    pub async fn run(self) -> Result<Arc<ShutdownReport>, StartError> {
+        let handle = self.start().await?;
+        Ok(handle.wait().await)
+    }
+}
+
+/// A cheap, cloneable, thread-safe handle on a running tree.
+#[derive(Clone)]
+pub struct TreeHandle {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for TreeHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TreeHandle")
+            .field("name", &self.shared.name)
+            .field("phase", &self.phase())
+            .finish()
+    }
+}
+
+impl TreeHandle {
+    /// Starts the graceful shutdown (if none started yet) and resolves to its report. Any number
+    /// of calls, from any thread or actor, start one shutdown and all get the same report.
+    pub fn shutdown(
+        &self,
+        reason: impl Into<String>,
+    ) -> impl Future<Output = Arc<ShutdownReport>> + 'static {
+        self.shared.trigger(reason.into());
+        let shared = self.shared.clone();
+        async move { shared.wait_report().await }
+    }
+
+    /// Like [`shutdown`](Self::shutdown) but skips the remaining budgets: whatever is pending
+    /// now is aborted (what a second SIGTERM does).
+    pub fn force_shutdown(
+        &self,
+        reason: impl Into<String>,
+    ) -> impl Future<Output = Arc<ShutdownReport>> + 'static {
+        self.shared.force(reason.into());
+        let shared = self.shared.clone();
+        async move { shared.wait_report().await }
+    }
+
+    /// Resolves to the report once the tree has shut down, without triggering anything.
+    pub fn wait(&self) -> impl Future<Output = Arc<ShutdownReport>> + 'static {
+        let shared = self.shared.clone();
+        async move { shared.wait_report().await }
+    }
+
+    /// Blocks the calling thread until the report is out, or `timeout` passes. Never call it on
+    /// an arbiter's thread: the tree's own work would wait behind it.
+    pub fn wait_blocking(&self, timeout: Option<Duration>) -> Option<Arc<ShutdownReport>> {
+        self.shared.wait_report_blocking(timeout)
+    }
+
+    /// The report, if the shutdown is over.
+    pub fn report(&self) -> Option<Arc<ShutdownReport>> {
+        self.shared.report()
+    }
+
+    /// The tree's phase, read without blocking.
+    pub fn phase(&self) -> Phase {
+        self.shared.phase()
+    }
+
+    /// True while the tree serves (phase `Running`); false from the instant draining starts.
+    pub fn is_ready(&self) -> bool {
+        self.phase() == Phase::Running
+    }
+
+    /// The stable address of the worker at `path` (like `workers/3`), if there is a worker of
+    /// type `A` there.
+    pub fn addr<A: Worker>(&self, path: &str) -> Option<ChildAddr<A>> {
+        let any = self.shared.workers.get(path)?.addr_any();
+        any.downcast::<ChildAddr<A>>().ok().map(|b| *b)
+    }
+
+    /// The tree's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+}
