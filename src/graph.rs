@@ -182,7 +182,7 @@ impl Graph {
     fn stop_edges(&self, event: usize, out: &mut Vec<usize>) {
         out.clear();
         let n = &self.nodes[event / 2];
-        if event % 2 == 0 {
+        if event.is_multiple_of(2) {
             out.push(event + 1);
             out.extend(n.children.iter().map(|c| c.index() * 2));
         } else {
@@ -279,7 +279,7 @@ impl Graph {
             };
         while let Some(Reverse((i, e))) = ready.pop() {
             let node = &self.nodes[i];
-            if e % 2 == 0 {
+            if e.is_multiple_of(2) {
                 if node.worker.is_some() {
                     order.push(NodeId(i as u32));
                 }

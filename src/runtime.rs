@@ -377,23 +377,27 @@ impl Runtime {
         };
         self.st[w.index()].status = Status::Running;
         let events = self.events_tx.clone();
-        match self.arbiter_of[w.index()] {
-            None => worker
-                .start(w, events)
-                .map_err(|cause| (self.g.path(w), cause)),
+        let result = match self.arbiter_of[w.index()] {
+            None => worker.start(w, events),
             Some(a) => {
+                let remote = worker.clone();
                 let sent = self.arbiters[a].spawn_fn(move || {
-                    if let Err(cause) = worker.start(w, events.clone()) {
+                    if let Err(cause) = remote.start(w, events.clone()) {
                         let _ = events.send(Event::Exited(w, Exit::Failed(cause)));
                     }
                 });
                 if sent {
                     Ok(())
                 } else {
-                    Err((self.g.path(w), "its arbiter is not running".to_owned()))
+                    Err("its arbiter is not running".to_owned())
                 }
             }
-        }
+        };
+        result.map_err(|cause| {
+            worker.close();
+            self.st[w.index()].status = Status::Exited(Outcome::Failed(cause.clone()));
+            (self.g.path(w), cause)
+        })
     }
 
     async fn next_start_event(&mut self) -> Result<(), (String, String)> {

@@ -200,11 +200,12 @@ impl<A: Worker> Pump<A> {
                 // `ctx.wait` or a stop is in progress: the context polls us again after it.
                 return Poll::Pending;
             }
+            if handled >= BATCH_LIMIT {
+                // Let the other tasks on this arbiter run; continue right after them.
+                task.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             let Some(env) = self.batch.pop_front() else {
-                if handled >= BATCH_LIMIT {
-                    task.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
                 self.mailbox.take_batch(&mut self.batch, task.waker());
                 if self.batch.is_empty() {
                     return Poll::Ready(());
