@@ -64,3 +64,8 @@ pub use report::{
 pub use spec::{ChildSpec, Placement, SupervisorSpec, WorkerSpec};
 pub use tree::{Phase, Tree, TreeBuilder, TreeHandle};
 pub use worker::{HookFuture, InFlight, InFlightGuard, Worker};
+
+/// Compiles the README's quickstart as a doctest, so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

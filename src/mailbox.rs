@@ -61,6 +61,8 @@ struct State<A: Actor> {
     /// The runtime asked for the task to be cancelled.
     abort: bool,
     stop_order: Option<Stopping>,
+    /// `handled` when `Stopping` was queued: the drain counts from there.
+    handled_at_told: u64,
     senders_waiting_for_room: usize,
 }
 
@@ -81,6 +83,7 @@ impl<A: Actor> Mailbox<A> {
                 waker: None,
                 abort: false,
                 stop_order: None,
+                handled_at_told: 0,
                 senders_waiting_for_room: 0,
             }),
             handled: AtomicU64::new(0),
@@ -135,6 +138,7 @@ impl<A: Actor> Mailbox<A> {
                 return false;
             }
             st.stop_order = Some(order);
+            st.handled_at_told = self.handled();
             st.queue.push_back(Envelope::Stop);
             st.take_waker_if_parked()
         };
@@ -144,8 +148,20 @@ impl<A: Actor> Mailbox<A> {
         true
     }
 
-    pub(crate) fn take_stop_order(&self) -> Option<Stopping> {
-        self.state.lock().stop_order.clone()
+    /// The `Stopping` order, and `handled` at the moment it was queued.
+    pub(crate) fn stop_order(&self) -> Option<(Stopping, u64)> {
+        let st = self.state.lock();
+        Some((st.stop_order.clone()?, st.handled_at_told))
+    }
+
+    /// Messages handled since `Stopping` was queued (0 if it never was).
+    pub(crate) fn drained_since_told(&self) -> u64 {
+        let st = self.state.lock();
+        if st.stop_order.is_some() {
+            self.handled().saturating_sub(st.handled_at_told)
+        } else {
+            0
+        }
     }
 
     /// Moves everything queued into `batch` (which must be empty). When there is nothing, the

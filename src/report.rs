@@ -151,6 +151,32 @@ impl ShutdownReport {
         self.children.iter().map(|c| c.dropped).sum()
     }
 
+    /// One line: the verdict and how many children ended which way.
+    pub fn summary(&self) -> String {
+        let mut counts = [0usize; 5];
+        for c in self.iter() {
+            counts[match c.outcome {
+                Outcome::Drained => 0,
+                Outcome::TimedOut => 1,
+                Outcome::Panicked(_) => 2,
+                Outcome::Failed(_) => 3,
+                Outcome::NotRunning => 4,
+            }] += 1;
+        }
+        format!(
+            "shutdown of `{}` {:?} in {}: {} drained, {} timed out, {} panicked, {} failed, {} not running; {} messages dropped",
+            self.tree,
+            self.outcome,
+            fmt_duration(self.total),
+            counts[0],
+            counts[1],
+            counts[2],
+            counts[3],
+            counts[4],
+            self.dropped()
+        )
+    }
+
     /// The report as pretty-printed JSON.
     #[cfg(feature = "serde")]
     pub fn to_json(&self) -> String {

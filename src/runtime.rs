@@ -171,7 +171,6 @@ struct NodeState {
     /// Dependents (and, stopping after a failed start, the next-started worker) not yet done.
     waiting: u32,
     pending_children: u32,
-    handled_at_told: u64,
     drained: u64,
     /// Workers in this subtree whose start is not confirmed yet.
     unconfirmed: u32,
@@ -249,7 +248,6 @@ impl Runtime {
                 deadline: None,
                 waiting: 0,
                 pending_children: 0,
-                handled_at_told: 0,
                 drained: 0,
                 unconfirmed: 0,
             })
@@ -713,7 +711,6 @@ impl Runtime {
         match &node.worker {
             Some(worker) => match previous {
                 Status::Running => {
-                    s.handled_at_told = worker.handled();
                     let order = Stopping {
                         reason: sd.reason.clone(),
                         deadline,
@@ -762,15 +759,15 @@ impl Runtime {
         if id != ROOT {
             let path = self.g.path(id);
             let took = match (s.told_at, s.done_at) {
-                (Some(t), Some(d)) => fmt_duration(d - t),
-                _ => "-".into(),
+                (Some(t), Some(d)) => format!("after {}", fmt_duration(d - t)),
+                _ => "before being told".into(),
             };
             match &outcome {
                 Outcome::Drained => {
-                    log::info!(target: LOG, "{path} acknowledged in {took} (drained {})", s.drained)
+                    log::info!(target: LOG, "{path} acknowledged {took} (drained {})", s.drained)
                 }
                 Outcome::NotRunning => log::info!(target: LOG, "{path} was not running"),
-                other => log::warn!(target: LOG, "{path}: {other} after {took}"),
+                other => log::warn!(target: LOG, "{path}: {other} {took}"),
             }
         }
         s.outcome = outcome;
@@ -886,7 +883,7 @@ impl Runtime {
                 let drained = if s.outcome == Outcome::Drained {
                     s.drained
                 } else {
-                    handled.saturating_sub(s.handled_at_told)
+                    w.drained_since_told()
                 };
                 (drained, accepted.saturating_sub(handled))
             }
@@ -937,7 +934,8 @@ impl Runtime {
             }
         }
         self.shared.set_phase(Phase::Stopped);
-        log::info!(target: LOG, "report:\n{report}");
+        log::info!(target: LOG, "{}", report.summary());
+        log::debug!(target: LOG, "report:\n{report}");
         let report = Arc::new(report);
         self.shared.publish(report.clone());
         if self.cfg.stop_system {

@@ -44,7 +44,8 @@ pub(crate) trait WorkerControl: Send + Sync {
     fn close(&self);
     /// (accepted, handled) over the child's life.
     fn counts(&self) -> (u64, u64);
-    fn handled(&self) -> u64;
+    /// Messages handled since `Stopping` was queued (0 if never told).
+    fn drained_since_told(&self) -> u64;
     fn addr_any(&self) -> Box<dyn Any + Send>;
 }
 
@@ -71,8 +72,8 @@ impl<A: Worker> WorkerControl for WorkerBody<A> {
     fn counts(&self) -> (u64, u64) {
         (self.mailbox.accepted(), self.mailbox.handled())
     }
-    fn handled(&self) -> u64 {
-        self.mailbox.handled()
+    fn drained_since_told(&self) -> u64 {
+        self.mailbox.drained_since_told()
     }
     fn addr_any(&self) -> Box<dyn Any + Send> {
         Box::new(ChildAddr::new(self.mailbox.clone()))

@@ -166,11 +166,11 @@ enum Phase<A: Actor> {
     Running,
     /// `Stopping` was handled; draining what is accepted.
     Draining {
-        handled_at_stop: u64,
+        handled_at_told: u64,
     },
     /// The mailbox is closed; the drained hook runs.
     Flushing {
-        handled_at_stop: u64,
+        handled_at_told: u64,
         hook: Option<HookFuture<A>>,
     },
     Done,
@@ -219,11 +219,9 @@ impl<A: Worker> Pump<A> {
                     handled += 1;
                 }
                 Envelope::Stop => {
-                    if let Some(order) = self.mailbox.take_stop_order() {
+                    if let Some((order, handled_at_told)) = self.mailbox.stop_order() {
                         if !matches!(self.phase, Phase::Draining { .. }) {
-                            self.phase = Phase::Draining {
-                                handled_at_stop: self.mailbox.handled(),
-                            };
+                            self.phase = Phase::Draining { handled_at_told };
                             act.on_stopping(ctx, &order);
                         }
                     }
@@ -258,8 +256,8 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
                         return Poll::Pending; // parked on the mailbox
                     }
                 }
-                Phase::Draining { handled_at_stop } => {
-                    let handled_at_stop = *handled_at_stop;
+                Phase::Draining { handled_at_told } => {
+                    let handled_at_told = *handled_at_told;
                     if this.handle_messages(act, ctx, task).is_pending() {
                         return Poll::Pending;
                     }
@@ -273,12 +271,12 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
                     }
                     let hook = act.on_drained(ctx);
                     this.phase = Phase::Flushing {
-                        handled_at_stop,
+                        handled_at_told,
                         hook,
                     };
                 }
                 Phase::Flushing {
-                    handled_at_stop,
+                    handled_at_told,
                     hook,
                 } => {
                     if let Some(fut) = hook {
@@ -287,7 +285,7 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
                         }
                     }
                     let stats = DrainStats {
-                        drained: this.mailbox.handled() - *handled_at_stop,
+                        drained: this.mailbox.handled() - *handled_at_told,
                     };
                     this.mailbox.mark_acked();
                     let _ = this.events.send(Event::Acked(this.id, stats));

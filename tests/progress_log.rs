@@ -72,7 +72,7 @@ async fn progress_lines_name_the_pending_children_with_time_and_budget() {
         "draining: test",
         "store/disk draining",
         "store/disk acknowledged",
-        "report:",
+        "shutdown of `progress` Clean",
     ] {
         assert!(
             lines

@@ -1,0 +1,600 @@
+//! Process-level tests: the built `pipeline` example, driven with real signals.
+//!
+//! Each test starts the example binary with piped stdout/stderr (read on background threads so
+//! the pipes never fill), waits for its `ready` line, sends SIGTERM with `libc::kill`, and checks
+//! the exit code, the final `produced=P consumed=C lost=L` line and the JSON report. Every wait is
+//! bounded, synchronised on output lines rather than on sleeps where possible, and generous enough
+//! for a loaded 2-core machine; a child that outlives its bound is killed and the test fails with
+//! its output.
+
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const EXIT_CLEAN: i32 = 0;
+const EXIT_FAILED: i32 = 3;
+const EXIT_TIMED_OUT: i32 = 4;
+const EXIT_FORCED: i32 = 5;
+
+/// How long the example may take to print `ready`.
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+// ----- locating the example ------------------------------------------------------------------
+
+/// The `pipeline` example binary of the same profile as this test, built if needed.
+///
+/// This test runs from `target/<profile>/deps/process-HASH`; the example lives in
+/// `target/<profile>/examples/pipeline`. `cargo test` builds examples, but `cargo test --test
+/// process` does not (it would run a stale one), so a binary that is missing or older than the
+/// sources is built once with `cargo build --example pipeline` in the same profile.
+fn pipeline_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary lives in target/<profile>/deps");
+        let binary = profile_dir
+            .join("examples")
+            .join(format!("pipeline{}", std::env::consts::EXE_SUFFIX));
+        let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
+        let sources = newest_mtime(&[
+            manifest_dir.join("Cargo.toml"),
+            manifest_dir.join("src"),
+            manifest_dir.join("examples").join("pipeline.rs"),
+        ]);
+        if built.is_none() || built < sources {
+            let cargo = option_env!("CARGO").unwrap_or("cargo");
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(manifest_dir)
+                .args(["build", "--example", "pipeline"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd
+                .status()
+                .expect("running cargo build --example pipeline");
+            assert!(status.success(), "cargo build --example pipeline failed");
+        }
+        assert!(binary.exists(), "no example binary at {}", binary.display());
+        binary
+    })
+}
+
+/// The latest modification time of these files and of every file under these directories.
+fn newest_mtime(paths: &[PathBuf]) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack = paths.to_vec();
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            let entries = std::fs::read_dir(&path).into_iter().flatten().flatten();
+            stack.extend(entries.map(|e| e.path()));
+        } else if let Ok(modified) = meta.modified() {
+            newest = newest.max(Some(modified));
+        }
+    }
+    newest
+}
+
+// ----- driving one run -----------------------------------------------------------------------
+
+/// Lines read so far from one of the child's pipes, and whether the pipe has closed.
+#[derive(Default)]
+struct Lines {
+    lines: Mutex<(Vec<String>, bool)>,
+    changed: Condvar,
+}
+
+impl Lines {
+    /// Reads `pipe` line by line on a background thread until it closes.
+    fn collect(pipe: impl Read + Send + 'static) -> (Arc<Lines>, JoinHandle<()>) {
+        let lines = Arc::new(Lines::default());
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                sink.lines.lock().unwrap().0.push(line);
+                sink.changed.notify_all();
+            }
+            sink.lines.lock().unwrap().1 = true;
+            sink.changed.notify_all();
+        });
+        (lines, reader)
+    }
+
+    /// The first line satisfying `pred`, waiting up to `timeout` for it.
+    fn wait_for(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let until = Instant::now() + timeout;
+        let mut guard = self.lines.lock().unwrap();
+        loop {
+            if let Some(line) = guard.0.iter().find(|l| pred(l)) {
+                return Some(line.clone());
+            }
+            let now = Instant::now();
+            if guard.1 || now >= until {
+                return None;
+            }
+            guard = self.changed.wait_timeout(guard, until - now).unwrap().0;
+        }
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        self.lines.lock().unwrap().0.clone()
+    }
+}
+
+/// A running `pipeline` process.
+struct Pipeline {
+    child: Child,
+    stdout: Arc<Lines>,
+    stderr: Arc<Lines>,
+    readers: Vec<JoinHandle<()>>,
+    report_json: PathBuf,
+}
+
+/// What a finished run left behind.
+struct Finished {
+    code: Option<i32>,
+    stdout: Vec<String>,
+    stderr: String,
+    report: Value,
+    /// From [`Pipeline::finish`]'s reference instant to the exit being observed.
+    elapsed: Duration,
+}
+
+impl Pipeline {
+    /// Starts the example with `args` (plus `--report-json` to a fresh file) and waits for it to
+    /// print `ready`.
+    fn start(test: &str, args: &[&str]) -> Pipeline {
+        let report_json =
+            std::env::temp_dir().join(format!("pipeline-{}-{test}.json", std::process::id()));
+        let _ = std::fs::remove_file(&report_json);
+        let mut child = Command::new(pipeline_binary())
+            .args(args)
+            .arg("--report-json")
+            .arg(&report_json)
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the pipeline example");
+        let (stdout, out_reader) = Lines::collect(child.stdout.take().unwrap());
+        let (stderr, err_reader) = Lines::collect(child.stderr.take().unwrap());
+        let mut run = Pipeline {
+            child,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+            report_json,
+        };
+        if run
+            .stdout
+            .wait_for(READY_WITHIN, |l| l.starts_with("ready"))
+            .is_none()
+        {
+            run.fail(&format!("no `ready` line within {READY_WITHIN:?}"));
+        }
+        run
+    }
+
+    /// Sends SIGTERM.
+    fn sigterm(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(
+            rc,
+            0,
+            "kill(SIGTERM) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Waits for a stderr line containing all of `needles`.
+    fn wait_stderr(&mut self, timeout: Duration, needles: &[&str]) -> String {
+        match self
+            .stderr
+            .wait_for(timeout, |l| needles.iter().all(|n| l.contains(n)))
+        {
+            Some(line) => line,
+            None => self.fail(&format!(
+                "no stderr line containing {needles:?} within {timeout:?}"
+            )),
+        }
+    }
+
+    /// Waits for the process to exit, at most `bound` after `since`; a process still running
+    /// then is killed and the test fails.
+    fn finish(mut self, since: Instant, bound: Duration) -> Finished {
+        let status = loop {
+            match self.child.try_wait().expect("waiting for the pipeline") {
+                Some(status) => break status,
+                None if since.elapsed() > bound => {
+                    self.fail(&format!("still running {bound:?} after the signal"))
+                }
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let elapsed = since.elapsed();
+        for reader in self.readers.drain(..) {
+            reader.join().expect("an output reader thread");
+        }
+        let stdout = self.stdout.snapshot();
+        let stderr = self.stderr.snapshot().join("\n");
+        let report = match std::fs::read_to_string(&self.report_json) {
+            Ok(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
+                panic!("the report is not JSON ({e}):\n{json}\n--- stderr:\n{stderr}")
+            }),
+            Err(e) => panic!(
+                "no report at {} ({e}); exit {:?}\n--- stdout:\n{}\n--- stderr:\n{stderr}",
+                self.report_json.display(),
+                status.code(),
+                stdout.join("\n")
+            ),
+        };
+        let _ = std::fs::remove_file(&self.report_json);
+        Finished {
+            code: status.code(),
+            stdout,
+            stderr,
+            report,
+            elapsed,
+        }
+    }
+
+    /// Kills the process and fails the test, showing what it printed.
+    fn fail(&mut self, why: &str) -> ! {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.report_json);
+        panic!(
+            "pipeline: {why}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.stdout.snapshot().join("\n"),
+            self.stderr.snapshot().join("\n")
+        );
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        // A failed assertion must not leave the process behind.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ----- reading the results -------------------------------------------------------------------
+
+/// `produced=P consumed=C lost=L`.
+#[derive(Debug)]
+struct Books {
+    produced: u64,
+    consumed: u64,
+    lost: u64,
+}
+
+impl Finished {
+    /// Context for assertion messages.
+    fn dump(&self) -> String {
+        format!(
+            "exit {:?} after {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.code,
+            self.elapsed,
+            self.stdout.join("\n"),
+            self.stderr
+        )
+    }
+
+    /// The books, from the last stdout line.
+    fn books(&self) -> Books {
+        let last = self.stdout.last().map(String::as_str).unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            last.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| {
+                    panic!("no `{name}=` in the last line {last:?}\n{}", self.dump())
+                })
+        };
+        Books {
+            produced: field("produced"),
+            consumed: field("consumed"),
+            lost: field("lost"),
+        }
+    }
+
+    /// Every child entry of the report, depth first.
+    fn children(&self) -> Vec<&Value> {
+        fn walk<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+            for c in v["children"].as_array().into_iter().flatten() {
+                out.push(c);
+                walk(c, out);
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.report, &mut out);
+        out
+    }
+
+    /// The report entry at `path`.
+    fn child(&self, path: &str) -> &Value {
+        self.children()
+            .into_iter()
+            .find(|c| c["path"] == path)
+            .unwrap_or_else(|| panic!("no `{path}` in the report\n{}", self.dump()))
+    }
+
+    /// The outcome kind (`Drained`, `TimedOut`, ...) of the child at `path`.
+    fn outcome(&self, path: &str) -> &str {
+        self.child(path)["outcome"]["kind"]
+            .as_str()
+            .unwrap_or_default()
+    }
+
+    /// Messages dropped across the tree, per the report (sum over the top-level children).
+    fn report_dropped(&self) -> u64 {
+        self.report["children"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["dropped"].as_u64().unwrap_or_default())
+            .sum()
+    }
+
+    /// Milliseconds since the shutdown started when `path` was told / acknowledged.
+    fn at(&self, path: &str, field: &str) -> f64 {
+        self.child(path)[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("`{path}` has no `{field}` time\n{}", self.dump()))
+    }
+}
+
+/// Every child of a pipeline with `producers` producers and `workers` workers.
+fn all_paths(producers: usize, workers: usize) -> Vec<String> {
+    let mut paths = vec!["source".to_owned()];
+    paths.extend((0..producers).map(|i| format!("source/{i}")));
+    paths.push("router".into());
+    paths.push("workers".into());
+    paths.extend((0..workers).map(|i| format!("workers/{i}")));
+    paths.push("sink".into());
+    paths
+}
+
+// ----- the tests -----------------------------------------------------------------------------
+
+#[test]
+fn sigterm_drains_everything_in_dependency_order() {
+    let run = Pipeline::start(
+        "clean",
+        &["--producers", "3", "--workers", "4", "--rate", "2000"],
+    );
+    // Let messages flow for a moment (and wait for the first ones to reach the sink's side).
+    std::thread::sleep(Duration::from_millis(500));
+    run.sigterm();
+    let sent = Instant::now();
+    let done = run.finish(sent, Duration::from_secs(30));
+
+    assert_eq!(done.code, Some(EXIT_CLEAN), "{}", done.dump());
+    let books = done.books();
+    assert!(books.produced > 0, "{books:?}\n{}", done.dump());
+    assert_eq!(books.lost, 0, "{books:?}\n{}", done.dump());
+    assert_eq!(books.produced, books.consumed, "{books:?}\n{}", done.dump());
+
+    assert_eq!(done.report["outcome"], "Clean", "{}", done.dump());
+    assert_eq!(done.report["reason"], "SIGTERM", "{}", done.dump());
+    let listed: Vec<&str> = done
+        .children()
+        .iter()
+        .map(|c| c["path"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(listed, all_paths(3, 4), "{}", done.dump());
+    for path in all_paths(3, 4) {
+        assert_eq!(done.outcome(&path), "Drained", "{path}\n{}", done.dump());
+        assert_eq!(done.child(&path)["dropped"], 0, "{path}\n{}", done.dump());
+        // The printed report names every child with its outcome too.
+        let name = path.rsplit('/').next().unwrap();
+        assert!(
+            done.stderr
+                .lines()
+                .any(|l| l.split_whitespace().take(2).eq([name, "drained"])),
+            "`{path}` is not listed as drained on stderr\n{}",
+            done.dump()
+        );
+    }
+
+    // The order told: each stage is told only after the one upstream of it acknowledged.
+    for (upstream, downstream) in [
+        ("source", "router"),
+        ("router", "workers"),
+        ("workers", "sink"),
+    ] {
+        let acked = done.at(upstream, "acknowledged");
+        let told = done.at(downstream, "told");
+        assert!(
+            acked <= told,
+            "{upstream} acknowledged at {acked} ms, after {downstream} was told at {told} ms\n{}",
+            done.dump()
+        );
+    }
+    // And a supervisor is told before its children and acknowledges after them.
+    for (sup, n) in [("source", 3), ("workers", 4)] {
+        for i in 0..n {
+            let child = format!("{sup}/{i}");
+            assert!(
+                done.at(sup, "told") <= done.at(&child, "told"),
+                "{child}\n{}",
+                done.dump()
+            );
+            assert!(
+                done.at(&child, "acknowledged") <= done.at(sup, "acknowledged"),
+                "{child}\n{}",
+                done.dump()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_hung_worker_is_aborted_at_the_overall_deadline() {
+    let run = Pipeline::start(
+        "hang-deadline",
+        &["--hang", "workers/1", "--deadline-ms", "1500"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    run.sigterm();
+    let sent = Instant::now();
+    // workers/1's own budget is the default 5 s: the 1.5 s overall deadline is what aborts it.
+    let done = run.finish(sent, Duration::from_secs(20));
+
+    assert_eq!(done.code, Some(EXIT_TIMED_OUT), "{}", done.dump());
+    assert!(
+        done.elapsed > Duration::from_millis(1400),
+        "exited before the deadline could pass\n{}",
+        done.dump()
+    );
+    assert!(
+        done.elapsed < Duration::from_secs(6),
+        "took too long after the deadline\n{}",
+        done.dump()
+    );
+    assert_eq!(done.report["outcome"], "TimedOut", "{}", done.dump());
+    assert_eq!(done.outcome("workers/1"), "TimedOut", "{}", done.dump());
+    for path in [
+        "source",
+        "source/0",
+        "source/1",
+        "router",
+        "workers/0",
+        "workers/2",
+        "workers/3",
+    ] {
+        assert_eq!(done.outcome(path), "Drained", "{path}\n{}", done.dump());
+    }
+    assert!(
+        done.stderr
+            .lines()
+            .any(|l| l.contains("TIMED OUT") && l.trim_start().starts_with('1')),
+        "the printed report does not show workers/1 timed out\n{}",
+        done.dump()
+    );
+    // The hung worker had handled everything before hanging in its flush: nothing is lost, and
+    // whatever was dropped is exactly what the books say.
+    let books = done.books();
+    assert_eq!(
+        books.produced,
+        books.consumed + books.lost,
+        "{books:?}\n{}",
+        done.dump()
+    );
+    assert_eq!(
+        books.lost,
+        done.report_dropped(),
+        "{books:?}\n{}",
+        done.dump()
+    );
+}
+
+#[test]
+fn a_second_sigterm_forces_the_shutdown() {
+    let mut run = Pipeline::start("hang-forced", &["--hang", "workers/1"]);
+    std::thread::sleep(Duration::from_millis(300));
+    run.sigterm();
+    let first = Instant::now();
+    // The tree names what it is waiting for (progress line, every second).
+    run.wait_stderr(Duration::from_secs(15), &["waiting on", "workers/1"]);
+    assert!(
+        first.elapsed() < Duration::from_secs(4),
+        "the progress line should come before workers/1's 5 s budget runs out"
+    );
+    run.sigterm();
+    let second = Instant::now();
+    let done = run.finish(second, Duration::from_secs(20));
+
+    assert_eq!(done.code, Some(EXIT_FORCED), "{}", done.dump());
+    assert!(
+        done.elapsed < Duration::from_secs(4),
+        "a forced shutdown should not wait for budgets\n{}",
+        done.dump()
+    );
+    assert_eq!(done.report["outcome"], "Forced", "{}", done.dump());
+    assert_eq!(done.outcome("workers/1"), "TimedOut", "{}", done.dump());
+    for path in [
+        "source/0",
+        "source/1",
+        "router",
+        "workers/0",
+        "workers/2",
+        "workers/3",
+    ] {
+        assert_eq!(done.outcome(path), "Drained", "{path}\n{}", done.dump());
+    }
+    let books = done.books();
+    assert_eq!(
+        books.produced,
+        books.consumed + books.lost,
+        "{books:?}\n{}",
+        done.dump()
+    );
+}
+
+#[test]
+fn a_panic_while_draining_is_reported_and_the_siblings_still_drain() {
+    let run = Pipeline::start("panic", &["--panic-on-drain", "workers/2"]);
+    std::thread::sleep(Duration::from_millis(300));
+    run.sigterm();
+    let sent = Instant::now();
+    let done = run.finish(sent, Duration::from_secs(30));
+
+    assert_eq!(done.code, Some(EXIT_FAILED), "{}", done.dump());
+    assert_eq!(done.report["outcome"], "Failed", "{}", done.dump());
+    let outcome = &done.child("workers/2")["outcome"];
+    assert_eq!(outcome["kind"], "Panicked", "{}", done.dump());
+    assert!(
+        outcome["detail"]
+            .as_str()
+            .is_some_and(|m| m.contains("injected panic on drain")),
+        "the panic message is missing: {outcome}\n{}",
+        done.dump()
+    );
+    assert!(
+        done.stderr.contains("PANICKED") && done.stderr.contains("injected panic on drain"),
+        "the printed report does not show the panic\n{}",
+        done.dump()
+    );
+    for path in all_paths(2, 4) {
+        if path != "workers/2" {
+            assert_eq!(done.outcome(&path), "Drained", "{path}\n{}", done.dump());
+        }
+    }
+    // workers/2 had handled everything queued before `Stopping` when it panicked.
+    let books = done.books();
+    assert!(books.produced > 0, "{books:?}\n{}", done.dump());
+    assert_eq!(
+        books.produced,
+        books.consumed + books.lost,
+        "{books:?}\n{}",
+        done.dump()
+    );
+    assert_eq!(
+        books.lost,
+        done.report_dropped(),
+        "{books:?}\n{}",
+        done.dump()
+    );
+}
