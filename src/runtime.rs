@@ -763,6 +763,9 @@ impl Runtime {
                 _ => "before being told".into(),
             };
             match &outcome {
+                Outcome::Drained if self.g.node(id).worker.is_none() => {
+                    log::info!(target: LOG, "{path} acknowledged {took}, all its children done")
+                }
                 Outcome::Drained => {
                     log::info!(target: LOG, "{path} acknowledged {took} (drained {})", s.drained)
                 }
