@@ -88,34 +88,22 @@ impl Graph {
             };
             let id = NodeId(g.nodes.len() as u32);
             let common = spec.common;
-            let parent_path = g.path(parent);
             if common.name.is_empty() || common.name.contains('/') {
                 return Err(BuildError::InvalidName {
-                    parent: parent_path,
+                    parent: g.path(parent),
                     name: common.name,
                 });
             }
-            if g.node(parent)
-                .children
-                .iter()
-                .any(|&c| g.node(c).name == common.name)
-            {
-                return Err(BuildError::DuplicateName {
-                    parent: parent_path,
-                    name: common.name,
-                });
-            }
-            let path = join(&parent_path, &common.name);
             if common.budget == Some(Duration::ZERO) {
                 return Err(BuildError::ZeroDuration {
-                    what: format!("budget of `{path}`"),
+                    what: format!("budget of `{}`", join(&g.path(parent), &common.name)),
                 });
             }
             if let Placement::Pool(pool) = &common.placement {
                 match pools.get(pool) {
                     None => {
                         return Err(BuildError::UnknownPool {
-                            child: path,
+                            child: join(&g.path(parent), &common.name),
                             pool: pool.clone(),
                         })
                     }
@@ -143,39 +131,87 @@ impl Graph {
                 stack.push((id, children.into_iter()));
             }
         }
+        g.check_duplicates()?;
         g.resolve_deps(declared_deps)?;
         g.check_cycles()?;
         g.start_order = g.compute_start_order();
         Ok(g)
     }
 
-    fn resolve_deps(&mut self, declared: Vec<Vec<String>>) -> Result<(), BuildError> {
-        let by_path: HashMap<String, NodeId> = (1..self.nodes.len())
-            .map(|i| (self.path(NodeId(i as u32)), NodeId(i as u32)))
-            .collect();
-        for (i, names) in declared.into_iter().enumerate() {
-            let id = NodeId(i as u32);
-            for name in names {
-                let parent = self.node(id).parent.unwrap_or(ROOT);
-                let sibling = self
-                    .node(parent)
-                    .children
-                    .iter()
-                    .copied()
-                    .find(|&c| self.node(c).name == name);
-                let Some(dep) = sibling.or_else(|| by_path.get(&name).copied()) else {
-                    return Err(BuildError::UnknownDependency {
-                        child: self.path(id),
-                        dependency: name,
-                    });
-                };
-                if !self.nodes[i].deps.contains(&dep) {
-                    self.nodes[i].deps.push(dep);
-                    self.nodes[dep.index()].dependents.push(id);
-                }
+    fn check_duplicates(&self) -> Result<(), BuildError> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let mut names: Vec<&str> = node
+                .children
+                .iter()
+                .map(|&c| self.node(c).name.as_str())
+                .collect();
+            names.sort_unstable();
+            if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
+                return Err(BuildError::DuplicateName {
+                    parent: self.path(NodeId(i as u32)),
+                    name: pair[0].to_owned(),
+                });
             }
         }
         Ok(())
+    }
+
+    /// Resolves each declared dependency: a sibling's name, else a path from the root.
+    fn resolve_deps(&mut self, declared: Vec<Vec<String>>) -> Result<(), BuildError> {
+        if declared.iter().all(|d| d.is_empty()) {
+            return Ok(());
+        }
+        let mut edges = Vec::new();
+        {
+            let by_name: HashMap<(NodeId, &str), NodeId> = (1..self.nodes.len())
+                .map(|i| {
+                    let n = &self.nodes[i];
+                    (
+                        (n.parent.unwrap_or(ROOT), n.name.as_str()),
+                        NodeId(i as u32),
+                    )
+                })
+                .collect();
+            let by_path = |path: &str| {
+                path.split('/')
+                    .try_fold(ROOT, |at, segment| by_name.get(&(at, segment)).copied())
+            };
+            for (i, names) in declared.iter().enumerate() {
+                let id = NodeId(i as u32);
+                let parent = self.node(id).parent.unwrap_or(ROOT);
+                for name in names {
+                    let Some(dep) = by_name
+                        .get(&(parent, name.as_str()))
+                        .copied()
+                        .or_else(|| by_path(name))
+                    else {
+                        return Err(BuildError::UnknownDependency {
+                            child: self.path(id),
+                            dependency: name.clone(),
+                        });
+                    };
+                    edges.push((id, dep));
+                }
+            }
+        }
+        for (id, dep) in edges {
+            if !self.nodes[id.index()].deps.contains(&dep) {
+                self.nodes[id.index()].deps.push(dep);
+                self.nodes[dep.index()].dependents.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The node at `path` (like `workers/3`), walking names from the root.
+    pub(crate) fn find(&self, path: &str) -> Option<NodeId> {
+        path.split('/').try_fold(ROOT, |at, segment| {
+            self.node(at)
+                .children
+                .iter()
+                .copied()
+                .find(|&c| self.node(c).name == segment)
+        })
     }
 
     /// Successors of an event in the stop-order graph. Event `2n` is `told(n)`, `2n+1` is `ack(n)`.

@@ -344,3 +344,105 @@ impl ShutdownReport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn child(path: &str, outcome: Outcome, told_ms: u64, ack_ms: u64) -> ChildReport {
+        ChildReport {
+            name: path.rsplit('/').next().unwrap_or(path).to_owned(),
+            path: path.to_owned(),
+            kind: ChildKind::Worker,
+            outcome,
+            told: Some(Duration::from_millis(told_ms)),
+            acknowledged: Some(Duration::from_millis(ack_ms)),
+            drained: 7,
+            dropped: 0,
+            restarts: 0,
+            children: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_bar_spans_told_to_acknowledged_on_the_shutdown_timeline() {
+        let total = Duration::from_millis(240);
+        let b = bar(
+            Some(Duration::from_millis(60)),
+            Some(Duration::from_millis(120)),
+            total,
+        );
+        assert_eq!(b.chars().count(), BAR_WIDTH);
+        assert_eq!(
+            b,
+            format!("{}{}{}", "·".repeat(6), "█".repeat(6), "·".repeat(12))
+        );
+        // Instantaneous drains still show one cell; never-told children show none.
+        let z = bar(Some(Duration::ZERO), Some(Duration::ZERO), total);
+        assert_eq!(z.chars().filter(|c| *c == '█').count(), 1);
+        assert_eq!(bar(None, None, total).trim(), "");
+    }
+
+    #[test]
+    fn display_indents_children_and_summarises_big_supervisors() {
+        let mut sup = child("pool", Outcome::Drained, 0, 200);
+        sup.kind = ChildKind::Supervisor;
+        sup.children = (0..100)
+            .map(|i| child(&format!("pool/{i}"), Outcome::Drained, 10, 20 + i))
+            .collect();
+        sup.children[50].outcome = Outcome::Panicked("boom".into());
+        let report = ShutdownReport {
+            tree: "t".into(),
+            reason: "SIGTERM".into(),
+            started_at: SystemTime::now(),
+            total: Duration::from_millis(200),
+            outcome: TreeOutcome::Failed,
+            children: vec![sup],
+        };
+        let text = report.to_string();
+        assert!(
+            text.starts_with("shutdown of `t` (SIGTERM): FAILED in 200.0ms"),
+            "{text}"
+        );
+        assert!(text.contains("\n  pool "), "{text}");
+        assert!(
+            text.contains("\n    0 "),
+            "children are indented under their parent: {text}"
+        );
+        assert!(
+            text.contains("PANICKED") && text.contains("boom"),
+            "failures are always listed: {text}"
+        );
+        // 12 listed + the panicked one; the other 87 summarised with the slowest drain.
+        assert!(
+            text.contains("… 87 more, all clean (slowest drain 109.0ms)"),
+            "{text}"
+        );
+        assert!(text.lines().count() < 20, "{text}");
+        assert_eq!(report.exit_code(), EXIT_FAILED);
+        assert_eq!(
+            report.find("pool/50").unwrap().outcome,
+            Outcome::Panicked("boom".into())
+        );
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn json_carries_outcomes_and_times_in_milliseconds() {
+        let report = ShutdownReport {
+            tree: "t".into(),
+            reason: "test".into(),
+            started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+            total: Duration::from_millis(30),
+            outcome: TreeOutcome::TimedOut,
+            children: vec![child("a", Outcome::TimedOut, 5, 25)],
+        };
+        let v: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(v["outcome"], "TimedOut");
+        assert_eq!(v["started_at"], 1000);
+        assert_eq!(v["children"][0]["outcome"]["kind"], "TimedOut");
+        assert_eq!(v["children"][0]["told"], 5.0);
+        assert_eq!(v["children"][0]["acknowledged"], 25.0);
+        assert_eq!(v["children"][0]["path"], "a");
+    }
+}

@@ -80,7 +80,8 @@ pub(crate) struct Shared {
     report: Mutex<Option<Arc<ShutdownReport>>>,
     report_ready: Condvar,
     report_watch: tokio::sync::watch::Sender<Option<Arc<ShutdownReport>>>,
-    pub(crate) workers: HashMap<String, Arc<dyn crate::spec::WorkerControl>>,
+    /// The tree's shape, for looking up children by path.
+    pub(crate) graph: Arc<Graph>,
 }
 
 impl Shared {
@@ -204,7 +205,7 @@ enum Step {
 }
 
 pub(crate) struct Runtime {
-    g: Graph,
+    g: Arc<Graph>,
     cfg: Config,
     shared: Arc<Shared>,
     events_tx: EventTx,
@@ -225,10 +226,7 @@ impl Runtime {
     pub(crate) fn new(g: Graph, cfg: Config, name: String) -> (Runtime, Arc<Shared>) {
         let (events_tx, events) = unbounded_channel();
         let (commands_tx, commands) = unbounded_channel();
-        let workers = (1..g.nodes.len())
-            .map(|i| NodeId(i as u32))
-            .filter_map(|id| Some((g.path(id), g.node(id).worker.clone()?)))
-            .collect();
+        let g = Arc::new(g);
         let shared = Arc::new(Shared {
             name,
             phase: AtomicU8::new(Phase::Starting as u8),
@@ -237,7 +235,7 @@ impl Runtime {
             report: Mutex::new(None),
             report_ready: Condvar::new(),
             report_watch: tokio::sync::watch::channel(None).0,
-            workers,
+            graph: g.clone(),
         });
         let st = (0..g.nodes.len())
             .map(|_| NodeState {
@@ -278,7 +276,13 @@ impl Runtime {
             let _ = started.send(Err((child, cause, report)));
             return;
         }
-        self.shared.set_phase(Phase::Running);
+        // A trigger during the start has already moved the phase on; keep it.
+        let _ = self.shared.phase.compare_exchange(
+            Phase::Starting as u8,
+            Phase::Running as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         log::info!(target: LOG, "tree `{}` running", self.shared.name);
         let _ = started.send(Ok(()));
         self.serve().await;

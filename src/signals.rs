@@ -3,17 +3,21 @@
 //! First SIGTERM or SIGINT: graceful shutdown. Second: skip the remaining budgets (abort what is
 //! pending, print the report, exit). Third: exit at once. Installing a tokio listener removes the
 //! default action (terminate), which is why the third stage exists.
+//!
+//! The listener runs on an arbiter of its own, so that the third signal still exits the process
+//! when the tree's own thread is stuck in a handler that never returns.
 
 use crate::report::EXIT_FORCED;
 use crate::tree::TreeHandle;
 
 const LOG: &str = "actix_supervisor::signals";
 
-/// Listens on the current arbiter until the process ends.
+/// Listens, on a dedicated arbiter, until the process ends.
 #[cfg(unix)]
 pub(crate) fn listen(handle: TreeHandle) {
     use tokio::signal::unix::{signal, SignalKind};
-    actix_rt::spawn(async move {
+    let arbiter = actix_rt::Arbiter::new();
+    arbiter.spawn(async move {
         let (mut term, mut int) = match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),

@@ -175,6 +175,13 @@ impl Tree {
         let signals = self.cfg.signals;
         let (runtime, shared) = Runtime::new(self.graph, self.cfg, self.name);
         let (tx, rx) = tokio::sync::oneshot::channel();
+        if signals {
+            // Before the start, so a signal during a slow start is not fatal: it is handled
+            // once the start is over.
+            crate::signals::listen(TreeHandle {
+                shared: shared.clone(),
+            });
+        }
         actix_rt::spawn(runtime.run(tx));
         async move {
             let started = rx.await.map_err(|_| StartError {
@@ -183,13 +190,7 @@ impl Tree {
                 report: ShutdownReport::empty(&shared.name, "runtime gone"),
             })?;
             match started {
-                Ok(()) => {
-                    let handle = TreeHandle { shared };
-                    if signals {
-                        crate::signals::listen(handle.clone());
-                    }
-                    Ok(handle)
-                }
+                Ok(()) => Ok(TreeHandle { shared }),
                 Err((child, cause, report)) => Err(StartError {
                     child,
                     cause,
@@ -276,7 +277,8 @@ impl TreeHandle {
     /// The stable address of the worker at `path` (like `workers/3`), if there is a worker of
     /// type `A` there.
     pub fn addr<A: Worker>(&self, path: &str) -> Option<ChildAddr<A>> {
-        let any = self.shared.workers.get(path)?.addr_any();
+        let graph = &self.shared.graph;
+        let any = graph.node(graph.find(path)?).worker.as_ref()?.addr_any();
         any.downcast::<ChildAddr<A>>().ok().map(|b| *b)
     }
 

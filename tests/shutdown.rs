@@ -604,3 +604,33 @@ async fn workers_run_on_the_arbiters_they_are_placed_on() {
     let report = handle.shutdown("test").await;
     assert_eq!(report.outcome, TreeOutcome::Clean, "{report}");
 }
+
+#[actix::test]
+async fn children_are_found_by_path_with_their_type() {
+    init_log();
+    let log = Log::default();
+    let (spec, handled) = probe("p", "s/p", &log, Behaviour::default());
+    let handle = Tree::builder("lookup")
+        .child(SupervisorSpec::new("s").child(spec))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let addr = handle.addr::<Probe>("s/p").expect("a Probe at s/p");
+    assert_eq!(addr.send(Work).await.unwrap(), 1);
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    assert!(
+        handle.addr::<Probe>("s").is_none(),
+        "a supervisor has no address"
+    );
+    assert!(handle.addr::<Probe>("s/q").is_none());
+    assert!(handle.addr::<Blocker>("s/p").is_none(), "wrong type");
+    handle.shutdown("test").await;
+}
+
+struct Blocker;
+impl Actor for Blocker {
+    type Context = Context<Self>;
+}
+impl Worker for Blocker {}
