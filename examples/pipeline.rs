@@ -30,6 +30,7 @@
 //! cargo run --example pipeline -- --producers 4 --workers 8 --rate 20000
 //! cargo run --example pipeline -- --hang workers/1 --deadline-ms 1500    # exits 4: timed out
 //! cargo run --example pipeline -- --panic-on-drain workers/2             # exits 3: panicked
+//! cargo run --example pipeline -- --wedge router   # stuck: SIGTERM thrice, exits 5 at the third
 //! cargo run --example pipeline -- --report-json /tmp/report.json
 //! ```
 //!
@@ -78,6 +79,11 @@ struct Args {
     /// Path of a child that panics when told to stop (like `workers/2`).
     #[arg(long, value_name = "NAME")]
     panic_on_drain: Option<String>,
+    /// Path of a child that blocks its thread forever when told to stop: a handler that never
+    /// returns. On the main thread (`router`, `sink`, `source/N`) it stalls the tree itself, and
+    /// only a third signal gets the process out.
+    #[arg(long, value_name = "NAME")]
+    wedge: Option<String>,
     /// Also write the report as JSON to this file.
     #[arg(long, value_name = "PATH")]
     report_json: Option<std::path::PathBuf>,
@@ -108,6 +114,7 @@ struct Fault {
     path: String,
     hang: bool,
     panic: bool,
+    wedge: bool,
 }
 
 impl Fault {
@@ -116,6 +123,7 @@ impl Fault {
             path: path.to_owned(),
             hang: args.hang.as_deref() == Some(path),
             panic: args.panic_on_drain.as_deref() == Some(path),
+            wedge: args.wedge.as_deref() == Some(path),
         }
     }
 
@@ -123,6 +131,12 @@ impl Fault {
     fn on_stopping(&self) {
         if self.panic {
             panic!("{}: injected panic on drain (--panic-on-drain)", self.path);
+        }
+        if self.wedge {
+            log::warn!("{}: blocking this thread forever (--wedge)", self.path);
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
         }
     }
 
@@ -406,6 +420,7 @@ fn check_fault_targets(args: &Args) {
     for (flag, value) in [
         ("--hang", &args.hang),
         ("--panic-on-drain", &args.panic_on_drain),
+        ("--wedge", &args.wedge),
     ] {
         if let Some(path) = value.as_deref().filter(|p| !known(p)) {
             Args::command()

@@ -218,8 +218,13 @@ impl Pipeline {
     }
 
     /// Waits for the process to exit, at most `bound` after `since`; a process still running
-    /// then is killed and the test fails.
-    fn finish(mut self, since: Instant, bound: Duration) -> Finished {
+    /// then is killed and the test fails. Returns the exit code, stdout lines, stderr, and the
+    /// time from `since` to the exit.
+    fn wait_exit(
+        &mut self,
+        since: Instant,
+        bound: Duration,
+    ) -> (Option<i32>, Vec<String>, String, Duration) {
         let status = loop {
             match self.child.try_wait().expect("waiting for the pipeline") {
                 Some(status) => break status,
@@ -235,25 +240,40 @@ impl Pipeline {
         }
         let stdout = self.stdout.snapshot();
         let stderr = self.stderr.snapshot().join("\n");
+        (status.code(), stdout, stderr, elapsed)
+    }
+
+    /// [`wait_exit`](Self::wait_exit), then reads the JSON report the run wrote.
+    fn finish(mut self, since: Instant, bound: Duration) -> Finished {
+        let (code, stdout, stderr, elapsed) = self.wait_exit(since, bound);
         let report = match std::fs::read_to_string(&self.report_json) {
             Ok(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
                 panic!("the report is not JSON ({e}):\n{json}\n--- stderr:\n{stderr}")
             }),
             Err(e) => panic!(
-                "no report at {} ({e}); exit {:?}\n--- stdout:\n{}\n--- stderr:\n{stderr}",
+                "no report at {} ({e}); exit {code:?}\n--- stdout:\n{}\n--- stderr:\n{stderr}",
                 self.report_json.display(),
-                status.code(),
                 stdout.join("\n")
             ),
         };
         let _ = std::fs::remove_file(&self.report_json);
         Finished {
-            code: status.code(),
+            code,
             stdout,
             stderr,
             report,
             elapsed,
         }
+    }
+
+    /// For a process that exits without a report: its exit code and everything it printed.
+    fn finish_without_report(mut self, since: Instant, bound: Duration) -> (Option<i32>, String) {
+        let (code, stdout, stderr, elapsed) = self.wait_exit(since, bound);
+        let dump = format!(
+            "exit {code:?} after {elapsed:?}\n--- stdout:\n{}\n--- stderr:\n{stderr}",
+            stdout.join("\n")
+        );
+        (code, dump)
     }
 
     /// Kills the process and fails the test, showing what it printed.
@@ -596,5 +616,29 @@ fn a_panic_while_draining_is_reported_and_the_siblings_still_drain() {
         done.report_dropped(),
         "{books:?}\n{}",
         done.dump()
+    );
+}
+
+#[test]
+fn a_third_sigterm_exits_at_once_even_when_the_tree_is_stuck() {
+    // The router blocks the main thread (where the tree's runtime runs) when told to stop, so the
+    // second signal cannot abort anything: only the third gets the process out.
+    let mut run = Pipeline::start("wedged", &["--wedge", "router"]);
+    std::thread::sleep(Duration::from_millis(300));
+    run.sigterm();
+    run.wait_stderr(
+        Duration::from_secs(15),
+        &["router: blocking this thread forever"],
+    );
+    run.sigterm();
+    run.wait_stderr(Duration::from_secs(15), &["second signal"]);
+    run.sigterm();
+    let third = Instant::now();
+    let done = run.finish_without_report(third, Duration::from_secs(20));
+    assert_eq!(done.0, Some(EXIT_FORCED), "{}", done.1);
+    assert!(
+        third.elapsed() < Duration::from_secs(3),
+        "the third signal exits at once\n{}",
+        done.1
     );
 }
