@@ -1,6 +1,7 @@
 //! Errors a user can cause: a tree that cannot be built, a start that fails.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::report::ShutdownReport;
 
@@ -96,7 +97,7 @@ pub struct StartError {
     /// What went wrong (the factory's error, or the panic message).
     pub cause: String,
     /// The shutdown of what had started.
-    pub report: ShutdownReport,
+    pub report: Arc<ShutdownReport>,
 }
 
 impl fmt::Display for StartError {

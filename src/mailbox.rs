@@ -46,6 +46,9 @@ pub(crate) struct Mailbox<A: Actor> {
     capacity: AtomicUsize,
     /// The current instance acknowledged its `Stopping`.
     acked: AtomicBool,
+    /// The runtime asked for the task to be cancelled. Read on every poll of the task, so it is
+    /// not behind the lock.
+    abort: AtomicBool,
     /// Senders waiting in `send` for room in a full mailbox.
     room: tokio::sync::Notify,
 }
@@ -58,8 +61,6 @@ struct State<A: Actor> {
     /// The worker found the queue empty and waits for a push to wake it.
     parked: bool,
     waker: Option<Waker>,
-    /// The runtime asked for the task to be cancelled.
-    abort: bool,
     stop_order: Option<Stopping>,
     /// `handled` when `Stopping` was queued: the drain counts from there.
     handled_at_told: u64,
@@ -81,7 +82,6 @@ impl<A: Actor> Mailbox<A> {
                 closed: false,
                 parked: false,
                 waker: None,
-                abort: false,
                 stop_order: None,
                 handled_at_told: 0,
                 senders_waiting_for_room: 0,
@@ -89,6 +89,7 @@ impl<A: Actor> Mailbox<A> {
             handled: AtomicU64::new(0),
             capacity: AtomicUsize::new(capacity),
             acked: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
             room: tokio::sync::Notify::new(),
         }
     }
@@ -187,21 +188,27 @@ impl<A: Actor> Mailbox<A> {
     /// Closes the gate if nothing is queued; otherwise leaves it open and returns false, so that
     /// the worker handles what slipped in first.
     pub(crate) fn close_if_empty(&self) -> bool {
-        let mut st = self.state.lock();
-        if st.queue.is_empty() {
-            st.closed = true;
-            drop(st);
-            self.room.notify_waiters();
-            true
-        } else {
-            false
+        let st = self.state.lock();
+        if !st.queue.is_empty() {
+            return false;
         }
+        self.close_locked(st);
+        true
     }
 
     /// Closes the gate whatever is queued (the child is gone or aborted).
     pub(crate) fn close(&self) {
-        self.state.lock().closed = true;
-        self.room.notify_waiters();
+        self.close_locked(self.state.lock());
+    }
+
+    fn close_locked(&self, mut st: parking_lot::MutexGuard<'_, State<A>>) {
+        st.closed = true;
+        let waiting = st.senders_waiting_for_room > 0;
+        drop(st);
+        if waiting {
+            // Senders waiting for room learn that there will be none.
+            self.room.notify_waiters();
+        }
     }
 
     /// Puts back messages a dying instance took but did not handle, ahead of newer ones.
@@ -222,20 +229,16 @@ impl<A: Actor> Mailbox<A> {
 
     /// Asks the worker's task to end at its next poll, and wakes it for that.
     pub(crate) fn request_abort(&self) {
-        let waker = {
-            let mut st = self.state.lock();
-            st.abort = true;
-            st.closed = true;
-            st.waker.clone()
-        };
-        self.room.notify_waiters();
+        self.abort.store(true, Ordering::Release);
+        let waker = self.state.lock().waker.clone();
+        self.close();
         if let Some(w) = waker {
             w.wake();
         }
     }
 
     pub(crate) fn abort_requested(&self) -> bool {
-        self.state.lock().abort
+        self.abort.load(Ordering::Acquire)
     }
 
     pub(crate) fn add_handled(&self, n: u64) {

@@ -194,9 +194,22 @@ struct Shutdown {
     grace_until: Option<Instant>,
     next_progress: Instant,
     forced: bool,
+    /// `(deadline, parent)`: some children of `parent` must have acknowledged by `deadline`.
+    /// Keyed by parent so that siblings told together share one entry.
     deadlines: BinaryHeap<Reverse<(Instant, NodeId)>>,
+    last_deadline: Option<(Instant, NodeId)>,
     /// In `ReverseStart` order: the worker started just before each worker.
     started_before: HashMap<NodeId, NodeId>,
+}
+
+impl Shutdown {
+    /// Makes sure the timer wakes at `deadline` to check `parent`'s children.
+    fn watch(&mut self, deadline: Instant, parent: NodeId) {
+        if self.last_deadline != Some((deadline, parent)) {
+            self.last_deadline = Some((deadline, parent));
+            self.deadlines.push(Reverse((deadline, parent)));
+        }
+    }
 }
 
 enum Step {
@@ -220,7 +233,7 @@ pub(crate) struct Runtime {
     steps: Vec<Step>,
 }
 
-pub(crate) type StartResult = Result<(), (String, String, ShutdownReport)>;
+pub(crate) type StartResult = Result<(), (String, String, Arc<ShutdownReport>)>;
 
 impl Runtime {
     pub(crate) fn new(g: Graph, cfg: Config, name: String) -> (Runtime, Arc<Shared>) {
@@ -438,7 +451,7 @@ impl Runtime {
     // ----- serving and shutdown -----------------------------------------------------------
 
     /// Handles events and commands until the shutdown is complete; returns the report.
-    async fn serve(&mut self) -> ShutdownReport {
+    async fn serve(&mut self) -> Arc<ShutdownReport> {
         loop {
             if let Some(report) = self.finished_report() {
                 return self.finish(report).await;
@@ -561,6 +574,7 @@ impl Runtime {
             next_progress: now + self.cfg.progress_interval,
             forced: false,
             deadlines: BinaryHeap::new(),
+            last_deadline: None,
             started_before,
         });
         if grace.is_none() {
@@ -598,23 +612,31 @@ impl Runtime {
             return;
         }
         let mut expired = Vec::new();
-        while let Some(Reverse((d, id))) = sd.deadlines.peek().copied() {
+        while let Some(Reverse((d, parent))) = sd.deadlines.peek().copied() {
             if d > now {
                 break;
             }
             sd.deadlines.pop();
-            expired.push(id);
+            expired.push(parent);
         }
         let progress_due = sd.next_progress <= now;
         if progress_due {
             sd.next_progress = now + self.cfg.progress_interval;
         }
-        for id in expired {
-            if self.st[id.index()].status == Status::Told {
-                let took = self.st[id.index()]
-                    .told_at
-                    .map(|t| now - t)
-                    .unwrap_or_default();
+        for parent in expired {
+            let late: Vec<NodeId> = self
+                .g
+                .node(parent)
+                .children
+                .iter()
+                .copied()
+                .filter(|c| {
+                    let s = &self.st[c.index()];
+                    s.status == Status::Told && s.deadline.is_some_and(|d| d <= now)
+                })
+                .collect();
+            for id in late {
+                let took = self.st[id.index()].told_at.map(|t| now - t).unwrap_or_default();
                 log::warn!(
                     target: LOG,
                     "{} did not acknowledge within {}: aborting",
@@ -679,11 +701,14 @@ impl Runtime {
 
     /// Carries out queued tells and completions until none is left.
     fn run_steps(&mut self) {
+        // One instant for the whole pass: siblings told together share told time and deadline,
+        // and a child released by an acknowledgement is never told "before" it.
+        let now = Instant::now();
         while let Some(step) = self.steps.pop() {
             match step {
-                Step::Tell(id) => self.tell(id),
+                Step::Tell(id) => self.tell(id, now),
                 Step::Done(id, outcome) => {
-                    if self.mark_done(id, outcome) {
+                    if self.mark_done(id, outcome, now) {
                         self.propagate(id);
                     }
                 }
@@ -691,9 +716,8 @@ impl Runtime {
         }
     }
 
-    fn tell(&mut self, id: NodeId) {
+    fn tell(&mut self, id: NodeId, now: Instant) {
         let Some(sd) = &mut self.shutdown else { return };
-        let now = Instant::now();
         let node = self.g.node(id);
         let s = &mut self.st[id.index()];
         let previous = std::mem::replace(&mut s.status, Status::Told);
@@ -721,7 +745,7 @@ impl Runtime {
                     };
                     if worker.tell(order) {
                         log::info!(target: LOG, "{} draining", self.g.path(id));
-                        sd.deadlines.push(Reverse((deadline, id)));
+                        sd.watch(deadline, node.parent.unwrap_or(ROOT));
                     } else {
                         self.steps.push(Step::Done(id, Outcome::NotRunning));
                     }
@@ -734,7 +758,7 @@ impl Runtime {
                     log::info!(target: LOG, "stopping {}", self.g.path(id));
                 }
                 if deadline < parent_deadline {
-                    sd.deadlines.push(Reverse((deadline, id)));
+                    sd.watch(deadline, node.parent.unwrap_or(ROOT));
                 }
                 if node.children.is_empty() {
                     self.steps.push(Step::Done(id, Outcome::Drained));
@@ -750,17 +774,17 @@ impl Runtime {
     }
 
     /// Records `id` as done. False when it already was.
-    fn mark_done(&mut self, id: NodeId, outcome: Outcome) -> bool {
+    fn mark_done(&mut self, id: NodeId, outcome: Outcome, now: Instant) -> bool {
         let s = &mut self.st[id.index()];
         if s.status == Status::Done {
             return false;
         }
         s.status = Status::Done;
-        s.done_at = Some(Instant::now());
+        s.done_at = Some(now);
         if let Some(w) = &self.g.node(id).worker {
             w.close();
         }
-        if id != ROOT {
+        if id != ROOT && log::log_enabled!(target: LOG, log::Level::Info) {
             let path = self.g.path(id);
             let took = match (s.told_at, s.done_at) {
                 (Some(t), Some(d)) => format!("after {}", fmt_duration(d - t)),
@@ -811,6 +835,7 @@ impl Runtime {
 
     /// Aborts `id` and everything under it that is not done; their parents and dependencies go on.
     fn abort_subtree(&mut self, id: NodeId) {
+        let now = Instant::now();
         let mut subtree = vec![id];
         let mut i = 0;
         while i < subtree.len() {
@@ -830,7 +855,7 @@ impl Runtime {
                     Outcome::TimedOut
                 }
             };
-            if self.mark_done(n, outcome) {
+            if self.mark_done(n, outcome, now) {
                 finished.push(n);
             }
         }
@@ -851,7 +876,7 @@ impl Runtime {
             .node(ROOT)
             .children
             .iter()
-            .map(|&c| self.child_report(c, sd.started))
+            .map(|&c| self.child_report(c, sd.started, ""))
             .collect();
         let mut outcome = TreeOutcome::Clean;
         for c in children.iter().flat_map(|c| c.iter()) {
@@ -876,13 +901,14 @@ impl Runtime {
         })
     }
 
-    fn child_report(&self, id: NodeId, origin: Instant) -> ChildReport {
+    fn child_report(&self, id: NodeId, origin: Instant, parent_path: &str) -> ChildReport {
         let node = self.g.node(id);
         let s = &self.st[id.index()];
+        let path = crate::graph::join(parent_path, &node.name);
         let children: Vec<ChildReport> = node
             .children
             .iter()
-            .map(|&c| self.child_report(c, origin))
+            .map(|&c| self.child_report(c, origin, &path))
             .collect();
         let (drained, dropped) = match &node.worker {
             Some(w) => {
@@ -901,7 +927,7 @@ impl Runtime {
         };
         ChildReport {
             name: node.name.clone(),
-            path: self.g.path(id),
+            path,
             kind: if node.worker.is_some() {
                 ChildKind::Worker
             } else {
@@ -921,7 +947,7 @@ impl Runtime {
     }
 
     /// The end: stop and join the arbiters the tree created, publish the report.
-    async fn finish(&mut self, report: ShutdownReport) -> ShutdownReport {
+    async fn finish(&mut self, report: ShutdownReport) -> Arc<ShutdownReport> {
         let created = std::mem::take(&mut self.created);
         if !created.is_empty() {
             for a in &created {
@@ -948,7 +974,7 @@ impl Runtime {
         if self.cfg.stop_system {
             System::current().stop_with_code(report.exit_code());
         }
-        Arc::try_unwrap(report).unwrap_or_else(|r| (*r).clone())
+        report
     }
 }
 

@@ -187,7 +187,7 @@ impl Tree {
             let started = rx.await.map_err(|_| StartError {
                 child: String::new(),
                 cause: "the tree's runtime stopped before finishing the start".into(),
-                report: ShutdownReport::empty(&shared.name, "runtime gone"),
+                report: Arc::new(ShutdownReport::empty(&shared.name, "runtime gone")),
             })?;
             match started {
                 Ok(()) => Ok(TreeHandle { shared }),

@@ -310,6 +310,9 @@ impl<A: Worker> Drop for Pump<A> {
 /// The task around one actor instance. See the module docs.
 struct Cell<A: Worker> {
     fut: Option<ContextFut<A, Context<A>>>,
+    /// The waker last handed to the mailbox; tokio gives a task the same one every poll, so
+    /// the mailbox lock is taken only once.
+    registered: Option<Waker>,
     mailbox: Arc<Mailbox<A>>,
     id: NodeId,
     events: EventTx,
@@ -330,7 +333,10 @@ impl<A: Worker> Future for Cell<A> {
         }
         match catch_unwind(AssertUnwindSafe(|| Pin::new(fut).poll(task))) {
             Ok(Poll::Pending) => {
-                this.mailbox.register_waker(task.waker());
+                if !this.registered.as_ref().is_some_and(|w| w.will_wake(task.waker())) {
+                    this.mailbox.register_waker(task.waker());
+                    this.registered = Some(task.waker().clone());
+                }
                 Poll::Pending
             }
             Ok(Poll::Ready(())) => {
@@ -389,6 +395,7 @@ where
     });
     let cell = Cell {
         fut: Some(ctx.into_future(act)),
+        registered: None,
         mailbox,
         id,
         events,
