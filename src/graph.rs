@@ -26,7 +26,8 @@ pub(crate) struct Node {
     pub(crate) deps: Vec<NodeId>,
     pub(crate) dependents: Vec<NodeId>,
     pub(crate) budget: Option<Duration>,
-    pub(crate) placement: Placement,
+    /// `None` for [`Placement::Parent`], the common case, to keep nodes small.
+    pub(crate) placement: Option<Box<Placement>>,
     /// `Some` for a worker.
     pub(crate) worker: Option<Arc<dyn WorkerControl>>,
 }
@@ -71,7 +72,7 @@ impl Graph {
                 deps: Vec::new(),
                 dependents: Vec::new(),
                 budget: None,
-                placement: Placement::Parent,
+                placement: None,
                 worker: None,
             }],
             start_order: Vec::new(),
@@ -124,7 +125,10 @@ impl Graph {
                 deps: Vec::new(),
                 dependents: Vec::new(),
                 budget: common.budget,
-                placement: common.placement,
+                placement: match common.placement {
+                    Placement::Parent => None,
+                    other => Some(Box::new(other)),
+                },
                 worker,
             });
             if let Some(children) = grandchildren {
@@ -133,6 +137,11 @@ impl Graph {
         }
         g.check_duplicates()?;
         g.resolve_deps(declared_deps)?;
+        // Large trees are built by pushing; keep only what is used.
+        g.nodes.shrink_to_fit();
+        for node in &mut g.nodes {
+            node.children.shrink_to_fit();
+        }
         g.check_cycles()?;
         g.start_order = g.compute_start_order();
         Ok(g)

@@ -1,4 +1,5 @@
-//! The mailbox the tree keeps in front of each worker.
+//! The mailbox the tree keeps in front of each worker, with the factory that makes the actor
+//! instances it feeds.
 //!
 //! actix's own mailbox cannot be closed from the inside, has no length, and dies with the actor.
 //! This one is owned by the tree instead, which is what lets it promise the protocol's rules:
@@ -13,12 +14,17 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::Waker;
 
 use actix::Actor;
 use parking_lot::Mutex;
 
+use crate::error::BoxError;
 use crate::protocol::Stopping;
+
+/// Makes a fresh actor instance for every start of the worker.
+pub(crate) type Factory<A> = dyn Fn() -> Result<A, BoxError> + Send + Sync;
 
 /// One accepted message, already bound to the handler that will run it.
 pub(crate) type Job<A> = Box<dyn Runnable<A>>;
@@ -40,6 +46,7 @@ pub(crate) enum Envelope<A: Actor> {
 
 pub(crate) struct Mailbox<A: Actor> {
     state: Mutex<State<A>>,
+    pub(crate) factory: Box<Factory<A>>,
     /// Messages handled over the child's life. Written only by the worker's own task.
     handled: AtomicU64,
     /// Bound on queued messages for `try_send`/`send`; 0 means unbounded.
@@ -61,10 +68,11 @@ struct State<A: Actor> {
     /// The worker found the queue empty and waits for a push to wake it.
     parked: bool,
     waker: Option<Waker>,
-    stop_order: Option<Stopping>,
+    /// Shared by the siblings told in the same pass.
+    stop_order: Option<Arc<Stopping>>,
     /// `handled` when `Stopping` was queued: the drain counts from there.
     handled_at_told: u64,
-    senders_waiting_for_room: usize,
+    senders_waiting_for_room: u32,
 }
 
 /// Why a push was refused; the caller gets its message back.
@@ -74,8 +82,9 @@ pub(crate) enum Refused<T> {
 }
 
 impl<A: Actor> Mailbox<A> {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(factory: Box<Factory<A>>) -> Self {
         Mailbox {
+            factory,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 accepted: 0,
@@ -87,7 +96,7 @@ impl<A: Actor> Mailbox<A> {
                 senders_waiting_for_room: 0,
             }),
             handled: AtomicU64::new(0),
-            capacity: AtomicUsize::new(capacity),
+            capacity: AtomicUsize::new(0),
             acked: AtomicBool::new(false),
             abort: AtomicBool::new(false),
             room: tokio::sync::Notify::new(),
@@ -132,7 +141,7 @@ impl<A: Actor> Mailbox<A> {
 
     /// Queues the `Stopping` order behind everything accepted so far. Returns false when the
     /// mailbox is already closed (the worker acknowledged or is gone).
-    pub(crate) fn push_stop(&self, order: Stopping) -> bool {
+    pub(crate) fn push_stop(&self, order: Arc<Stopping>) -> bool {
         let waker = {
             let mut st = self.state.lock();
             if st.closed || st.stop_order.is_some() {
@@ -150,7 +159,7 @@ impl<A: Actor> Mailbox<A> {
     }
 
     /// The `Stopping` order, and `handled` at the moment it was queued.
-    pub(crate) fn stop_order(&self) -> Option<(Stopping, u64)> {
+    pub(crate) fn stop_order(&self) -> Option<(Arc<Stopping>, u64)> {
         let st = self.state.lock();
         Some((st.stop_order.clone()?, st.handled_at_told))
     }

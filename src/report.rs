@@ -67,9 +67,8 @@ pub enum ChildKind {
 #[derive(Clone, Debug)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ChildReport {
-    /// The child's name among its siblings.
-    pub name: String,
-    /// Its path from the root, like `workers/3`.
+    /// Its path from the root, like `workers/3`; the last segment is its name
+    /// ([`ChildReport::name`]).
     pub path: String,
     /// Worker or supervisor.
     pub kind: ChildKind,
@@ -94,6 +93,11 @@ pub struct ChildReport {
 }
 
 impl ChildReport {
+    /// The child's name among its siblings: the last segment of its path.
+    pub fn name(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or(&self.path)
+    }
+
     /// Time from being told to acknowledging, when both happened.
     pub fn drain_time(&self) -> Option<Duration> {
         Some(self.acknowledged?.saturating_sub(self.told?))
@@ -207,7 +211,7 @@ impl fmt::Display for ShutdownReport {
         let name_width = self
             .iter()
             .take(10_000)
-            .map(|c| depth(&c.path) * 2 + c.name.len())
+            .map(|c| depth(&c.path) * 2 + c.name().len())
             .max()
             .unwrap_or(4)
             .max(4);
@@ -239,7 +243,7 @@ fn write_child(
     name_width: usize,
 ) -> fmt::Result {
     let indent = depth(&c.path) * 2;
-    let label = format!("{:indent$}{}", "", c.name);
+    let label = format!("{:indent$}{}", "", c.name());
     let drain = c
         .drain_time()
         .map(fmt_duration)
@@ -351,7 +355,6 @@ mod tests {
 
     fn child(path: &str, outcome: Outcome, told_ms: u64, ack_ms: u64) -> ChildReport {
         ChildReport {
-            name: path.rsplit('/').next().unwrap_or(path).to_owned(),
             path: path.to_owned(),
             kind: ChildKind::Worker,
             outcome,

@@ -160,12 +160,11 @@ enum Status {
     /// Ended on its own before being told; the outcome is kept for the report.
     Exited(Outcome),
     Told,
-    Done,
+    Done(Outcome),
 }
 
 struct NodeState {
     status: Status,
-    outcome: Outcome,
     told_at: Option<Instant>,
     done_at: Option<Instant>,
     deadline: Option<Instant>,
@@ -198,11 +197,28 @@ struct Shutdown {
     /// Keyed by parent so that siblings told together share one entry.
     deadlines: BinaryHeap<Reverse<(Instant, NodeId)>>,
     last_deadline: Option<(Instant, NodeId)>,
+    /// The last order made; siblings told together share it.
+    last_order: Option<Arc<Stopping>>,
     /// In `ReverseStart` order: the worker started just before each worker.
     started_before: HashMap<NodeId, NodeId>,
 }
 
 impl Shutdown {
+    /// The `Stopping` order for `deadline`, shared with the previous one when they agree.
+    fn order(&mut self, deadline: Instant) -> Arc<Stopping> {
+        match &self.last_order {
+            Some(o) if o.deadline == deadline => o.clone(),
+            _ => {
+                let o = Arc::new(Stopping {
+                    reason: self.reason.clone(),
+                    deadline,
+                });
+                self.last_order = Some(o.clone());
+                o
+            }
+        }
+    }
+
     /// Makes sure the timer wakes at `deadline` to check `parent`'s children.
     fn watch(&mut self, deadline: Instant, parent: NodeId) {
         if self.last_deadline != Some((deadline, parent)) {
@@ -253,7 +269,6 @@ impl Runtime {
         let st = (0..g.nodes.len())
             .map(|_| NodeState {
                 status: Status::NotStarted,
-                outcome: Outcome::NotRunning,
                 told_at: None,
                 done_at: None,
                 deadline: None,
@@ -312,19 +327,21 @@ impl Runtime {
         for i in 1..self.g.nodes.len() {
             let node = &self.g.nodes[i];
             let inherited = node.parent.map(|p| slot[p.index()]).unwrap_or(None);
-            slot[i] = match &node.placement {
-                Placement::Parent => inherited,
-                Placement::Arbiter(handle) => {
+            slot[i] = match node.placement.as_deref() {
+                None | Some(Placement::Parent) => inherited,
+                Some(Placement::Arbiter(handle)) => {
                     self.arbiters.push(handle.clone());
                     Some(self.arbiters.len() - 1)
                 }
-                Placement::Named(name) => Some(*named.entry(name.clone()).or_insert_with(|| {
-                    let arbiter = Arbiter::new();
-                    self.arbiters.push(arbiter.handle());
-                    self.created.push(arbiter);
-                    self.arbiters.len() - 1
-                })),
-                Placement::Pool(name) => {
+                Some(Placement::Named(name)) => {
+                    Some(*named.entry(name.clone()).or_insert_with(|| {
+                        let arbiter = Arbiter::new();
+                        self.arbiters.push(arbiter.handle());
+                        self.created.push(arbiter);
+                        self.arbiters.len() - 1
+                    }))
+                }
+                Some(Placement::Pool(name)) => {
                     let size = self.cfg.pools.get(name).copied().unwrap_or(1).max(1);
                     let (members, next) = pools.entry(name.clone()).or_insert_with(|| {
                         let members = (0..size)
@@ -393,7 +410,7 @@ impl Runtime {
         self.st[w.index()].status = Status::Running;
         let events = self.events_tx.clone();
         let result = match self.arbiter_of[w.index()] {
-            None => worker.start(w, events),
+            None => worker.clone().start(w, events),
             Some(a) => {
                 let remote = worker.clone();
                 let sent = self.arbiters[a].spawn_fn(move || {
@@ -575,6 +592,7 @@ impl Runtime {
             forced: false,
             deadlines: BinaryHeap::new(),
             last_deadline: None,
+            last_order: None,
             started_before,
         });
         if grace.is_none() {
@@ -636,7 +654,10 @@ impl Runtime {
                 })
                 .collect();
             for id in late {
-                let took = self.st[id.index()].told_at.map(|t| now - t).unwrap_or_default();
+                let took = self.st[id.index()]
+                    .told_at
+                    .map(|t| now - t)
+                    .unwrap_or_default();
                 log::warn!(
                     target: LOG,
                     "{} did not acknowledge within {}: aborting",
@@ -721,7 +742,7 @@ impl Runtime {
         let node = self.g.node(id);
         let s = &mut self.st[id.index()];
         let previous = std::mem::replace(&mut s.status, Status::Told);
-        if matches!(previous, Status::Told | Status::Done) {
+        if matches!(previous, Status::Told | Status::Done(_)) {
             s.status = previous;
             return;
         }
@@ -739,11 +760,7 @@ impl Runtime {
         match &node.worker {
             Some(worker) => match previous {
                 Status::Running => {
-                    let order = Stopping {
-                        reason: sd.reason.clone(),
-                        deadline,
-                    };
-                    if worker.tell(order) {
+                    if worker.tell(sd.order(deadline)) {
                         log::info!(target: LOG, "{} draining", self.g.path(id));
                         sd.watch(deadline, node.parent.unwrap_or(ROOT));
                     } else {
@@ -776,13 +793,16 @@ impl Runtime {
     /// Records `id` as done. False when it already was.
     fn mark_done(&mut self, id: NodeId, outcome: Outcome, now: Instant) -> bool {
         let s = &mut self.st[id.index()];
-        if s.status == Status::Done {
+        if matches!(s.status, Status::Done(_)) {
             return false;
         }
-        s.status = Status::Done;
         s.done_at = Some(now);
-        if let Some(w) = &self.g.node(id).worker {
-            w.close();
+        if outcome != Outcome::Drained {
+            // A drained worker closed its own mailbox; any other end closes it here, so that
+            // later sends fail at the sender.
+            if let Some(w) = &self.g.node(id).worker {
+                w.close();
+            }
         }
         if id != ROOT && log::log_enabled!(target: LOG, log::Level::Info) {
             let path = self.g.path(id);
@@ -801,7 +821,7 @@ impl Runtime {
                 other => log::warn!(target: LOG, "{path}: {other} {took}"),
             }
         }
-        s.outcome = outcome;
+        s.status = Status::Done(outcome);
         true
     }
 
@@ -845,7 +865,7 @@ impl Runtime {
         let mut finished = Vec::new();
         for &n in &subtree {
             let outcome = match &self.st[n.index()].status {
-                Status::Done => continue,
+                Status::Done(_) => continue,
                 Status::NotStarted => Outcome::NotRunning,
                 Status::Exited(o) => o.clone(),
                 Status::Running | Status::Told => {
@@ -868,7 +888,7 @@ impl Runtime {
     /// The report, once the root is done.
     fn finished_report(&self) -> Option<ShutdownReport> {
         let sd = self.shutdown.as_ref()?;
-        if self.st[ROOT.index()].status != Status::Done {
+        if !matches!(self.st[ROOT.index()].status, Status::Done(_)) {
             return None;
         }
         let children: Vec<ChildReport> = self
@@ -911,14 +931,11 @@ impl Runtime {
             .map(|&c| self.child_report(c, origin, &path))
             .collect();
         let (drained, dropped) = match &node.worker {
+            // Drained: everything accepted was handled, and the acknowledgement said how much.
+            Some(_) if s.status == Status::Done(Outcome::Drained) => (s.drained, 0),
             Some(w) => {
                 let (accepted, handled) = w.counts();
-                let drained = if s.outcome == Outcome::Drained {
-                    s.drained
-                } else {
-                    w.drained_since_told()
-                };
-                (drained, accepted.saturating_sub(handled))
+                (w.drained_since_told(), accepted.saturating_sub(handled))
             }
             None => (
                 children.iter().map(|c| c.drained).sum(),
@@ -926,14 +943,16 @@ impl Runtime {
             ),
         };
         ChildReport {
-            name: node.name.clone(),
             path,
             kind: if node.worker.is_some() {
                 ChildKind::Worker
             } else {
                 ChildKind::Supervisor
             },
-            outcome: s.outcome.clone(),
+            outcome: match &s.status {
+                Status::Done(o) | Status::Exited(o) => o.clone(),
+                _ => Outcome::NotRunning,
+            },
             told: s.told_at.map(|t| t.saturating_duration_since(origin)),
             acknowledged: s
                 .done_at

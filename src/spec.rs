@@ -34,49 +34,44 @@ pub enum Placement {
     Pool(String),
 }
 
-/// The type-erased face of a worker spec, as the runtime drives it.
+/// The type-erased face of a worker, as the runtime drives it (implemented by its mailbox,
+/// which also holds its factory).
 pub(crate) trait WorkerControl: Send + Sync {
     /// Makes a fresh instance and runs it on the current thread's arbiter.
-    fn start(&self, id: NodeId, events: EventTx) -> Result<(), String>;
+    fn start(self: Arc<Self>, id: NodeId, events: EventTx) -> Result<(), String>;
     /// Queues `Stopping`; false when the mailbox is already closed.
-    fn tell(&self, order: Stopping) -> bool;
+    fn tell(&self, order: Arc<Stopping>) -> bool;
     fn abort(&self);
     fn close(&self);
     /// (accepted, handled) over the child's life.
     fn counts(&self) -> (u64, u64);
     /// Messages handled since `Stopping` was queued (0 if never told).
     fn drained_since_told(&self) -> u64;
-    fn addr_any(&self) -> Box<dyn Any + Send>;
+    /// A `ChildAddr<A>`, boxed, for typed lookups.
+    fn addr_any(self: Arc<Self>) -> Box<dyn Any + Send>;
 }
 
-type Factory<A> = dyn Fn() -> Result<A, BoxError> + Send + Sync;
-
-struct WorkerBody<A: Worker> {
-    factory: Box<Factory<A>>,
-    mailbox: Arc<Mailbox<A>>,
-}
-
-impl<A: Worker> WorkerControl for WorkerBody<A> {
-    fn start(&self, id: NodeId, events: EventTx) -> Result<(), String> {
-        spawn_instance(&*self.factory, self.mailbox.clone(), id, events)
+impl<A: Worker> WorkerControl for Mailbox<A> {
+    fn start(self: Arc<Self>, id: NodeId, events: EventTx) -> Result<(), String> {
+        spawn_instance(self, id, events)
     }
-    fn tell(&self, order: Stopping) -> bool {
-        self.mailbox.push_stop(order)
+    fn tell(&self, order: Arc<Stopping>) -> bool {
+        self.push_stop(order)
     }
     fn abort(&self) {
-        self.mailbox.request_abort();
+        self.request_abort();
     }
     fn close(&self) {
-        self.mailbox.close();
+        Mailbox::close(self);
     }
     fn counts(&self) -> (u64, u64) {
-        (self.mailbox.accepted(), self.mailbox.handled())
+        (self.accepted(), self.handled())
     }
     fn drained_since_told(&self) -> u64 {
-        self.mailbox.drained_since_told()
+        Mailbox::drained_since_told(self)
     }
-    fn addr_any(&self) -> Box<dyn Any + Send> {
-        Box::new(ChildAddr::new(self.mailbox.clone()))
+    fn addr_any(self: Arc<Self>) -> Box<dyn Any + Send> {
+        Box::new(ChildAddr::new(self))
     }
 }
 
@@ -138,8 +133,7 @@ impl ChildSpec {
                 name: name.into(),
                 ..Common::default()
             },
-            factory: Box::new(factory),
-            mailbox: Arc::new(Mailbox::new(0)),
+            mailbox: Arc::new(Mailbox::new(Box::new(factory))),
         }
     }
 
@@ -157,7 +151,6 @@ impl ChildSpec {
 /// The spec of one worker: an actix actor implementing [`Worker`].
 pub struct WorkerSpec<A: Worker> {
     common: Common,
-    factory: Box<Factory<A>>,
     mailbox: Arc<Mailbox<A>>,
 }
 
@@ -208,10 +201,7 @@ impl<A: Worker> From<WorkerSpec<A>> for ChildSpec {
     fn from(w: WorkerSpec<A>) -> Self {
         ChildSpec {
             common: w.common,
-            kind: SpecKind::Worker(Arc::new(WorkerBody {
-                factory: w.factory,
-                mailbox: w.mailbox,
-            })),
+            kind: SpecKind::Worker(w.mailbox),
         }
     }
 }

@@ -278,7 +278,7 @@ impl TreeHandle {
     /// type `A` there.
     pub fn addr<A: Worker>(&self, path: &str) -> Option<ChildAddr<A>> {
         let graph = &self.shared.graph;
-        let any = graph.node(graph.find(path)?).worker.as_ref()?.addr_any();
+        let any = graph.node(graph.find(path)?).worker.clone()?.addr_any();
         any.downcast::<ChildAddr<A>>().ok().map(|b| *b)
     }
 

@@ -333,7 +333,11 @@ impl<A: Worker> Future for Cell<A> {
         }
         match catch_unwind(AssertUnwindSafe(|| Pin::new(fut).poll(task))) {
             Ok(Poll::Pending) => {
-                if !this.registered.as_ref().is_some_and(|w| w.will_wake(task.waker())) {
+                if !this
+                    .registered
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(task.waker()))
+                {
                     this.mailbox.register_waker(task.waker());
                     this.registered = Some(task.waker().clone());
                 }
@@ -370,17 +374,12 @@ impl<A: Worker> Cell<A> {
 
 /// Creates an instance with `factory` and runs it on the current thread's arbiter.
 /// Returns the factory's error, if any; a panic in the factory is returned as an error too.
-pub(crate) fn spawn_instance<A, F>(
-    factory: &F,
+pub(crate) fn spawn_instance<A: Worker>(
     mailbox: Arc<Mailbox<A>>,
     id: NodeId,
     events: EventTx,
-) -> Result<(), String>
-where
-    A: Worker,
-    F: Fn() -> Result<A, crate::BoxError> + ?Sized,
-{
-    let act = match catch_unwind(AssertUnwindSafe(factory)) {
+) -> Result<(), String> {
+    let act = match catch_unwind(AssertUnwindSafe(&*mailbox.factory)) {
         Ok(Ok(act)) => act,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(payload) => return Err(format!("factory panicked: {}", panic_message(&*payload))),
