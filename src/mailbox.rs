@@ -56,8 +56,9 @@ pub(crate) struct Mailbox<A: Actor> {
     /// The runtime asked for the task to be cancelled. Read on every poll of the task, so it is
     /// not behind the lock.
     abort: AtomicBool,
-    /// Senders waiting in `send` for room in a full mailbox.
-    room: tokio::sync::Notify,
+    /// Senders waiting in `send` for room in a full mailbox. Made on first use: most mailboxes
+    /// are unbounded and never need it.
+    room: std::sync::OnceLock<Box<tokio::sync::Notify>>,
 }
 
 struct State<A: Actor> {
@@ -99,7 +100,7 @@ impl<A: Actor> Mailbox<A> {
             capacity: AtomicUsize::new(0),
             acked: AtomicBool::new(false),
             abort: AtomicBool::new(false),
-            room: tokio::sync::Notify::new(),
+            room: std::sync::OnceLock::new(),
         }
     }
 
@@ -126,7 +127,7 @@ impl<A: Actor> Mailbox<A> {
     /// Waits until the mailbox has room (or is closed). Used by `send` on a bounded mailbox.
     pub(crate) async fn wait_for_room(&self) {
         loop {
-            let notified = self.room.notified();
+            let notified = self.room.get_or_init(Box::default).notified();
             {
                 let mut st = self.state.lock();
                 if st.closed || !self.is_full(&st) {
@@ -158,10 +159,9 @@ impl<A: Actor> Mailbox<A> {
         true
     }
 
-    /// The `Stopping` order, and `handled` at the moment it was queued.
-    pub(crate) fn stop_order(&self) -> Option<(Arc<Stopping>, u64)> {
-        let st = self.state.lock();
-        Some((st.stop_order.clone()?, st.handled_at_told))
+    /// The `Stopping` order, once queued.
+    pub(crate) fn stop_order(&self) -> Option<Arc<Stopping>> {
+        self.state.lock().stop_order.clone()
     }
 
     /// Messages handled since `Stopping` was queued (0 if it never was).
@@ -190,7 +190,7 @@ impl<A: Actor> Mailbox<A> {
             }
         };
         if notify_room {
-            self.room.notify_waiters();
+            self.notify_room();
         }
     }
 
@@ -216,7 +216,7 @@ impl<A: Actor> Mailbox<A> {
         drop(st);
         if waiting {
             // Senders waiting for room learn that there will be none.
-            self.room.notify_waiters();
+            self.notify_room();
         }
     }
 
@@ -262,6 +262,12 @@ impl<A: Actor> Mailbox<A> {
 
     pub(crate) fn accepted(&self) -> u64 {
         self.state.lock().accepted
+    }
+
+    fn notify_room(&self) {
+        if let Some(room) = self.room.get() {
+            room.notify_waiters();
+        }
     }
 
     fn is_full(&self, st: &State<A>) -> bool {

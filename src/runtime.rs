@@ -25,6 +25,9 @@ use crate::spec::Placement;
 
 const LOG: &str = "actix_supervisor::runtime";
 
+/// `arbiter_of` value for "the arbiter the runtime runs on".
+const HOME: u32 = u32::MAX;
+
 /// How far the tree is in its life. Readable from any thread, without blocking, through
 /// [`TreeHandle::phase`](crate::TreeHandle::phase).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,11 +166,28 @@ enum Status {
     Done(Outcome),
 }
 
+/// An instant as nanoseconds since the runtime's creation: half the size of `Option<Instant>`,
+/// which matters at 100,000 children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Stamp(u64);
+
+impl Stamp {
+    const NONE: Stamp = Stamp(u64::MAX);
+
+    fn of(base: Instant, t: Instant) -> Stamp {
+        Stamp(u64::try_from(t.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX - 1))
+    }
+
+    fn at(self, base: Instant) -> Option<Instant> {
+        (self != Stamp::NONE).then(|| base + Duration::from_nanos(self.0))
+    }
+}
+
 struct NodeState {
     status: Status,
-    told_at: Option<Instant>,
-    done_at: Option<Instant>,
-    deadline: Option<Instant>,
+    told_at: Stamp,
+    done_at: Stamp,
+    deadline: Stamp,
     /// Dependents (and, stopping after a failed start, the next-started worker) not yet done.
     waiting: u32,
     pending_children: u32,
@@ -235,6 +255,8 @@ enum Step {
 
 pub(crate) struct Runtime {
     g: Arc<Graph>,
+    /// Origin of every [`Stamp`].
+    base: Instant,
     cfg: Config,
     shared: Arc<Shared>,
     events_tx: EventTx,
@@ -242,7 +264,8 @@ pub(crate) struct Runtime {
     commands: UnboundedReceiver<Command>,
     st: Vec<NodeState>,
     /// Per worker: the arbiter it runs on (`None`: the runtime's own).
-    arbiter_of: Vec<Option<usize>>,
+    /// Per node: index into `arbiters`, or [`HOME`] for the runtime's own arbiter.
+    arbiter_of: Vec<u32>,
     arbiters: Vec<ArbiterHandle>,
     created: Vec<Arbiter>,
     shutdown: Option<Shutdown>,
@@ -269,9 +292,9 @@ impl Runtime {
         let st = (0..g.nodes.len())
             .map(|_| NodeState {
                 status: Status::NotStarted,
-                told_at: None,
-                done_at: None,
-                deadline: None,
+                told_at: Stamp::NONE,
+                done_at: Stamp::NONE,
+                deadline: Stamp::NONE,
                 waiting: 0,
                 pending_children: 0,
                 drained: 0,
@@ -279,7 +302,8 @@ impl Runtime {
             })
             .collect();
         let rt = Runtime {
-            arbiter_of: vec![None; g.nodes.len()],
+            base: Instant::now(),
+            arbiter_of: Vec::new(),
             g,
             cfg,
             shared: shared.clone(),
@@ -323,24 +347,25 @@ impl Runtime {
         let mut pools: HashMap<String, (Vec<usize>, usize)> = HashMap::new();
         // Placement of each node, inherited from the parent when `Parent`; ids are in
         // declaration order, so a parent is resolved before its children.
-        let mut slot: Vec<Option<usize>> = vec![None; self.g.nodes.len()];
+        let mut slot: Vec<u32> = vec![HOME; self.g.nodes.len()];
         for i in 1..self.g.nodes.len() {
             let node = &self.g.nodes[i];
-            let inherited = node.parent.map(|p| slot[p.index()]).unwrap_or(None);
-            slot[i] = match node.placement.as_deref() {
-                None | Some(Placement::Parent) => inherited,
+            let inherited = node.parent.map_or(HOME, |p| slot[p.index()]);
+            let placed: usize = match node.placement.as_deref() {
+                None | Some(Placement::Parent) => {
+                    slot[i] = inherited;
+                    continue;
+                }
                 Some(Placement::Arbiter(handle)) => {
                     self.arbiters.push(handle.clone());
-                    Some(self.arbiters.len() - 1)
+                    self.arbiters.len() - 1
                 }
-                Some(Placement::Named(name)) => {
-                    Some(*named.entry(name.clone()).or_insert_with(|| {
-                        let arbiter = Arbiter::new();
-                        self.arbiters.push(arbiter.handle());
-                        self.created.push(arbiter);
-                        self.arbiters.len() - 1
-                    }))
-                }
+                Some(Placement::Named(name)) => *named.entry(name.clone()).or_insert_with(|| {
+                    let arbiter = Arbiter::new();
+                    self.arbiters.push(arbiter.handle());
+                    self.created.push(arbiter);
+                    self.arbiters.len() - 1
+                }),
                 Some(Placement::Pool(name)) => {
                     let size = self.cfg.pools.get(name).copied().unwrap_or(1).max(1);
                     let (members, next) = pools.entry(name.clone()).or_insert_with(|| {
@@ -356,9 +381,10 @@ impl Runtime {
                     });
                     let pick = members[*next % members.len()];
                     *next += 1;
-                    Some(pick)
+                    pick
                 }
             };
+            slot[i] = placed as u32;
         }
         self.arbiter_of = slot;
     }
@@ -410,10 +436,10 @@ impl Runtime {
         self.st[w.index()].status = Status::Running;
         let events = self.events_tx.clone();
         let result = match self.arbiter_of[w.index()] {
-            None => worker.clone().start(w, events),
-            Some(a) => {
+            HOME => worker.clone().start(w, events),
+            a => {
                 let remote = worker.clone();
-                let sent = self.arbiters[a].spawn_fn(move || {
+                let sent = self.arbiters[a as usize].spawn_fn(move || {
                     if let Err(cause) = remote.start(w, events.clone()) {
                         let _ = events.send(Event::Exited(w, Exit::Failed(cause)));
                     }
@@ -650,12 +676,13 @@ impl Runtime {
                 .copied()
                 .filter(|c| {
                     let s = &self.st[c.index()];
-                    s.status == Status::Told && s.deadline.is_some_and(|d| d <= now)
+                    s.status == Status::Told && s.deadline.at(self.base).is_some_and(|d| d <= now)
                 })
                 .collect();
             for id in late {
                 let took = self.st[id.index()]
                     .told_at
+                    .at(self.base)
                     .map(|t| now - t)
                     .unwrap_or_default();
                 log::warn!(
@@ -699,8 +726,8 @@ impl Runtime {
         let mut line = format!("waiting on {}: ", pending.len());
         for (i, n) in pending.iter().take(SHOWN).enumerate() {
             let s = &self.st[n.index()];
-            let spent = s.told_at.map(|t| now - t).unwrap_or_default();
-            let budget = match (s.told_at, s.deadline) {
+            let spent = s.told_at.at(self.base).map(|t| now - t).unwrap_or_default();
+            let budget = match (s.told_at.at(self.base), s.deadline.at(self.base)) {
                 (Some(t), Some(d)) => fmt_duration(d - t),
                 _ => "-".into(),
             };
@@ -748,15 +775,15 @@ impl Runtime {
         }
         let parent_deadline = node
             .parent
-            .and_then(|p| self.st[p.index()].deadline)
+            .and_then(|p| self.st[p.index()].deadline.at(self.base))
             .unwrap_or(sd.overall);
         let s = &mut self.st[id.index()];
         let own = node
-            .budget
+            .budget()
             .or(node.worker.as_ref().map(|_| self.cfg.worker_budget));
         let deadline = own.map_or(parent_deadline, |b| parent_deadline.min(now + b));
-        s.told_at = Some(now);
-        s.deadline = Some(deadline);
+        s.told_at = Stamp::of(self.base, now);
+        s.deadline = Stamp::of(self.base, deadline);
         match &node.worker {
             Some(worker) => match previous {
                 Status::Running => {
@@ -796,7 +823,7 @@ impl Runtime {
         if matches!(s.status, Status::Done(_)) {
             return false;
         }
-        s.done_at = Some(now);
+        s.done_at = Stamp::of(self.base, now);
         if outcome != Outcome::Drained {
             // A drained worker closed its own mailbox; any other end closes it here, so that
             // later sends fail at the sender.
@@ -806,7 +833,7 @@ impl Runtime {
         }
         if id != ROOT && log::log_enabled!(target: LOG, log::Level::Info) {
             let path = self.g.path(id);
-            let took = match (s.told_at, s.done_at) {
+            let took = match (s.told_at.at(self.base), s.done_at.at(self.base)) {
                 (Some(t), Some(d)) => format!("after {}", fmt_duration(d - t)),
                 _ => "before being told".into(),
             };
@@ -953,10 +980,14 @@ impl Runtime {
                 Status::Done(o) | Status::Exited(o) => o.clone(),
                 _ => Outcome::NotRunning,
             },
-            told: s.told_at.map(|t| t.saturating_duration_since(origin)),
+            told: s
+                .told_at
+                .at(self.base)
+                .map(|t| t.saturating_duration_since(origin)),
             acknowledged: s
                 .done_at
-                .filter(|_| s.told_at.is_some())
+                .at(self.base)
+                .filter(|_| s.told_at != Stamp::NONE)
                 .map(|t| t.saturating_duration_since(origin)),
             drained,
             dropped,

@@ -160,19 +160,15 @@ impl Drop for InFlightGuard {
 }
 
 /// Where the pump is in the worker's life.
-enum Phase<A: Actor> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
     /// Handling messages; `Started` not yet reported.
     Starting,
     Running,
     /// `Stopping` was handled; draining what is accepted.
-    Draining {
-        handled_at_told: u64,
-    },
-    /// The mailbox is closed; the drained hook runs.
-    Flushing {
-        handled_at_told: u64,
-        hook: Option<HookFuture<A>>,
-    },
+    Draining,
+    /// The mailbox is closed; the drained hook runs (`Pump::hook`, if it returned a future).
+    Flushing,
     Done,
 }
 
@@ -180,7 +176,10 @@ enum Phase<A: Actor> {
 pub(crate) struct Pump<A: Worker> {
     mailbox: Arc<Mailbox<A>>,
     batch: VecDeque<Envelope<A>>,
-    phase: Phase<A>,
+    phase: Phase,
+    /// The drained hook's future, while it runs. Beside `phase` rather than inside it, which
+    /// keeps the pump — allocated once per worker — small.
+    hook: Option<HookFuture<A>>,
     id: NodeId,
     events: EventTx,
 }
@@ -219,9 +218,9 @@ impl<A: Worker> Pump<A> {
                     handled += 1;
                 }
                 Envelope::Stop => {
-                    if let Some((order, handled_at_told)) = self.mailbox.stop_order() {
-                        if !matches!(self.phase, Phase::Draining { .. }) {
-                            self.phase = Phase::Draining { handled_at_told };
+                    if let Some(order) = self.mailbox.stop_order() {
+                        if !matches!(self.phase, Phase::Draining) {
+                            self.phase = Phase::Draining;
                             act.on_stopping(ctx, &order);
                         }
                     }
@@ -256,8 +255,7 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
                         return Poll::Pending; // parked on the mailbox
                     }
                 }
-                Phase::Draining { handled_at_told } => {
-                    let handled_at_told = *handled_at_told;
+                Phase::Draining => {
                     if this.handle_messages(act, ctx, task).is_pending() {
                         return Poll::Pending;
                     }
@@ -269,23 +267,17 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
                     if !this.mailbox.close_if_empty() {
                         continue; // something was accepted in the meantime: handle it first
                     }
-                    let hook = act.on_drained(ctx);
-                    this.phase = Phase::Flushing {
-                        handled_at_told,
-                        hook,
-                    };
+                    this.hook = act.on_drained(ctx);
+                    this.phase = Phase::Flushing;
                 }
-                Phase::Flushing {
-                    handled_at_told,
-                    hook,
-                } => {
-                    if let Some(fut) = hook {
+                Phase::Flushing => {
+                    if let Some(fut) = &mut this.hook {
                         if fut.as_mut().poll(act, ctx, task).is_pending() {
                             return Poll::Pending;
                         }
                     }
                     let stats = DrainStats {
-                        drained: this.mailbox.handled() - *handled_at_told,
+                        drained: this.mailbox.drained_since_told(),
                     };
                     this.mailbox.mark_acked();
                     let _ = this.events.send(Event::Acked(this.id, stats));
@@ -389,6 +381,7 @@ pub(crate) fn spawn_instance<A: Worker>(
         mailbox: mailbox.clone(),
         batch: VecDeque::new(),
         phase: Phase::Starting,
+        hook: None,
         id,
         events: events.clone(),
     });

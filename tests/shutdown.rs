@@ -568,19 +568,22 @@ async fn workers_run_on_the_arbiters_they_are_placed_on() {
     init_log();
     let log = Log::default();
 
-    struct Where(Arc<Mutex<Vec<std::thread::ThreadId>>>);
+    struct Where(
+        &'static str,
+        Arc<Mutex<Vec<(&'static str, std::thread::ThreadId)>>>,
+    );
     impl Actor for Where {
         type Context = Context<Self>;
         fn started(&mut self, _: &mut Context<Self>) {
-            self.0.lock().push(std::thread::current().id());
+            self.1.lock().push((self.0, std::thread::current().id()));
         }
     }
     impl Worker for Where {}
     use parking_lot::Mutex;
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let spec = |name: &str, p: Placement| {
+    let spec = |name: &'static str, p: Placement| {
         let seen = seen.clone();
-        ChildSpec::worker(name, move || Where(seen.clone())).placement(p)
+        ChildSpec::worker(name, move || Where(name, seen.clone())).placement(p)
     };
     let tree = Tree::builder("placed")
         .pool("cpu", 2)
@@ -594,13 +597,18 @@ async fn workers_run_on_the_arbiters_they_are_placed_on() {
     let handle = tree.start().await.unwrap();
     let threads = seen.lock().clone();
     assert_eq!(threads.len(), 4);
-    let distinct: std::collections::HashSet<_> = threads.iter().collect();
+    let distinct: std::collections::HashSet<_> = threads.iter().map(|(_, t)| t).collect();
     assert_eq!(
         distinct.len(),
         4,
         "home, io and two pool arbiters are four threads"
     );
-    assert_eq!(threads[0], std::thread::current().id());
+    let home = threads.iter().find(|(n, _)| *n == "home").unwrap();
+    assert_eq!(
+        home.1,
+        std::thread::current().id(),
+        "Parent placement at the root: the tree's own arbiter"
+    );
     let report = handle.shutdown("test").await;
     assert_eq!(report.outcome, TreeOutcome::Clean, "{report}");
 }
@@ -634,3 +642,35 @@ impl Actor for Blocker {
     type Context = Context<Self>;
 }
 impl Worker for Blocker {}
+
+#[actix::test]
+async fn a_bounded_mailbox_refuses_try_send_when_full_and_send_waits_for_room() {
+    init_log();
+    let log = Log::default();
+    let (spec, handled) = probe("small", "small", &log, Behaviour::default());
+    let spec = spec.capacity(4).placement(Placement::Named("own".into()));
+    let addr = spec.addr();
+    let handle = Tree::builder("bounded")
+        .child(spec)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    // Keep the worker busy so the mailbox fills up.
+    addr.do_send(Block(Duration::from_millis(300))).unwrap();
+    actix_rt::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..4 {
+        addr.try_send(Work).unwrap();
+    }
+    assert!(
+        matches!(addr.try_send(Work), Err(SendError::Full(_))),
+        "full at 4"
+    );
+    // `send` waits until the worker makes room, then gets its answer.
+    let answer = addr.send(Work).await.unwrap();
+    assert_eq!(answer, 5);
+    let report = handle.shutdown("test").await;
+    assert_eq!(handled.load(Ordering::SeqCst), 5);
+    assert_eq!(report.find("small").unwrap().dropped, 0);
+}
