@@ -458,10 +458,19 @@ impl Runtime {
         })
     }
 
+    /// Waits for start events and handles every one already queued.
     async fn next_start_event(&mut self) -> Result<(), (String, String)> {
         let Some(event) = self.events.recv().await else {
             return Err(("(tree)".into(), "event channel closed".into()));
         };
+        self.on_start_event(event)?;
+        while let Ok(event) = self.events.try_recv() {
+            self.on_start_event(event)?;
+        }
+        Ok(())
+    }
+
+    fn on_start_event(&mut self, event: Event) -> Result<(), (String, String)> {
         match event {
             Event::Started(id) => {
                 log::info!(target: LOG, "started {}", self.g.path(id));
