@@ -319,6 +319,35 @@ impl Runtime {
         (rt, shared)
     }
 
+    /// [`run`](Self::run), with a panic in the runtime itself (a bug in this crate) turned into
+    /// a failed report, so that callers waiting for the report are not left waiting forever.
+    pub(crate) fn run_guarded(
+        self,
+        started: tokio::sync::oneshot::Sender<StartResult>,
+    ) -> impl std::future::Future<Output = ()> {
+        let shared = self.shared.clone();
+        let mut fut = Box::pin(self.run(started));
+        std::future::poll_fn(move |cx| {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                std::future::Future::poll(fut.as_mut(), cx)
+            })) {
+                Ok(poll) => poll,
+                Err(payload) => {
+                    let msg = crate::protocol::panic_message(&*payload);
+                    log::error!(target: LOG, "the tree's runtime panicked: {msg}");
+                    let mut report = ShutdownReport::empty(
+                        &shared.name,
+                        &format!("the tree's runtime panicked: {msg}"),
+                    );
+                    report.outcome = TreeOutcome::Failed;
+                    shared.set_phase(Phase::Stopped);
+                    shared.publish(Arc::new(report));
+                    std::task::Poll::Ready(())
+                }
+            }
+        })
+    }
+
     /// The runtime's whole life: start, then serve until the shutdown has finished.
     pub(crate) async fn run(mut self, started: tokio::sync::oneshot::Sender<StartResult>) {
         if let Err((child, cause)) = self.start().await {
@@ -1020,7 +1049,11 @@ impl Runtime {
                 let _ = tx.send(());
             });
             // An arbiter blocked in a handler could keep its thread forever: do not hang on it.
-            let limit = Duration::from_secs(2);
+            // Bounded by what is left of the overall deadline (at least a moment, at most 2 s).
+            let left = self.shutdown.as_ref().map_or(Duration::ZERO, |sd| {
+                sd.overall.saturating_duration_since(Instant::now())
+            });
+            let limit = left.clamp(Duration::from_millis(100), Duration::from_secs(2));
             if tokio::time::timeout(limit, rx).await.is_err() {
                 log::warn!(target: LOG, "arbiters did not stop within {}; leaving them", fmt_duration(limit));
             }

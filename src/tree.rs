@@ -172,22 +172,36 @@ impl Tree {
     /// If a child fails to start, what had started is shut down (reverse start order) and the
     /// error names the child and the cause.
     pub fn start(self) -> impl Future<Output = Result<TreeHandle, StartError>> {
-        let signals = self.cfg.signals;
-        let (runtime, shared) = Runtime::new(self.graph, self.cfg, self.name);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if signals {
-            // Before the start, so a signal during a slow start is not fatal: it is handled
-            // once the start is over.
-            crate::signals::listen(TreeHandle {
-                shared: shared.clone(),
-            });
-        }
-        actix_rt::spawn(runtime.run(tx));
+        let setup = if actix_rt::Arbiter::try_current().is_none() {
+            Err(StartError {
+                child: String::new(),
+                cause: "Tree::start must be called inside a running actix System, on one of its \
+                        arbiters (for example in #[actix::main] or #[actix_web::main])"
+                    .into(),
+                report: Arc::new(ShutdownReport::empty(&self.name, "not started")),
+            })
+        } else {
+            let signals = self.cfg.signals;
+            let (runtime, shared) = Runtime::new(self.graph, self.cfg, self.name);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if signals {
+                // Before the start, so a signal during a slow start is not fatal: it is handled
+                // once the start is over.
+                crate::signals::listen(TreeHandle {
+                    shared: shared.clone(),
+                });
+            }
+            actix_rt::spawn(runtime.run_guarded(tx));
+            Ok((rx, shared))
+        };
         async move {
+            let (rx, shared) = setup?;
             let started = rx.await.map_err(|_| StartError {
                 child: String::new(),
                 cause: "the tree's runtime stopped before finishing the start".into(),
-                report: Arc::new(ShutdownReport::empty(&shared.name, "runtime gone")),
+                report: shared.report().unwrap_or_else(|| {
+                    Arc::new(ShutdownReport::empty(&shared.name, "runtime gone"))
+                }),
             })?;
             match started {
                 Ok(()) => Ok(TreeHandle { shared }),

@@ -208,3 +208,15 @@ async fn a_panic_in_started_is_a_start_failure() {
         Outcome::Panicked(_)
     ));
 }
+
+#[test]
+fn starting_outside_an_actix_system_is_an_error_not_a_panic() {
+    let log = Log::default();
+    let tree = Tree::builder("t").child(simple("a", &log)).build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let e = rt.block_on(tree.start()).expect_err("no actix System here");
+    assert!(e.cause.contains("inside a running actix System"), "{e}");
+}
