@@ -6,13 +6,20 @@
 //! RESULT name=<name> tree=<v><unit> actix=<v><unit> ratio=<r> target=<t> ratio_is=<def> better=<dir> pass=<yes|no>
 //! ```
 //!
-//! Figures (each: one warm-up, then the median of several runs; tree and actix runs alternate):
+//! Figures (each: one warm-up, then the median of several runs; tree and actix runs alternate;
+//! in figures 1-2 each iteration runs actix (countdown), the tree, then actix (`send`/await)):
 //! 1. `shutdown_flat_100k`: `handle.shutdown(..)` → report, 100,000 idle workers under one
 //!    supervisor; bare actix: 100,000 actors each sent `Halt` (acks through a shared countdown,
 //!    then `ctx.stop()`), time until the last ack.
+//!    `shutdown_flat_100k_vs_send_await`: the same tree runs against a second bare actix
+//!    baseline, measured in the same iterations: `addr.send(Stop)` to each of the 100,000 actors
+//!    (the handler calls `ctx.stop()` and returns `()`), then every response future awaited;
+//!    time until the last response.
 //! 2. `shutdown_10ary_5deep_100k`: the same with a 10-ary tree of supervisors 5 levels deep
 //!    (10 → 100 → 1,000 → 10,000 supervisors, 100,000 leaf workers), against the same flat bare
 //!    actix figure (bare actix has no hierarchy to stop: the work — 100k stop/ack — is the same).
+//!    `shutdown_10ary_5deep_100k_vs_send_await`: the same deep tree runs against the
+//!    `send`/await baseline.
 //! 3. `start_flat_100k`: `tree.start().await` for the flat tree (building the specs and the tree
 //!    is not counted, and is printed on its own); bare actix: 100,000 `Actor::start()` until every
 //!    `started` has run.
@@ -106,6 +113,19 @@ impl Handler<Halt> for Idle {
         if let Some(c) = &self.on_halt {
             c.hit();
         }
+        ctx.stop();
+    }
+}
+
+/// The stop message as an actix user would typically write it: `addr.send(Stop)` and await the
+/// response, which is the ack. No shared state: the ack is the `()` reply itself.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Stop;
+
+impl Handler<Stop> for Idle {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
         ctx.stop();
     }
 }
@@ -307,17 +327,32 @@ fn tree_run(tree: Tree, workers: usize) -> (Duration, Duration) {
     })
 }
 
+/// How bare actix tells its actors to stop and collects their acks.
+#[derive(Clone, Copy)]
+enum Ack {
+    /// `do_send(Halt)` to each; each handler hits one shared atomic countdown: the cheapest
+    /// possible fan-in.
+    Countdown,
+    /// `send(Stop)` to each, keeping every response future, then awaiting them all: what an
+    /// actix user would typically write.
+    SendAwait,
+}
+
 /// (start, stop) of `n` bare actix actors, in a fresh System.
-fn actix_run(n: usize) -> (Duration, Duration) {
+fn actix_run(n: usize, ack: Ack) -> (Duration, Duration) {
     in_system(|| async move {
         let started = Countdown::new(n);
         let halted = Countdown::new(n);
+        let on_halt = match ack {
+            Ack::Countdown => Some(halted.clone()),
+            Ack::SendAwait => None,
+        };
         let t0 = Instant::now();
         let addrs: Vec<Addr<Idle>> = (0..n)
             .map(|_| {
                 Idle {
                     on_start: Some(started.clone()),
-                    on_halt: Some(halted.clone()),
+                    on_halt: on_halt.clone(),
                 }
                 .start()
             })
@@ -325,10 +360,27 @@ fn actix_run(n: usize) -> (Duration, Duration) {
         started.wait().await;
         let start = t0.elapsed();
         let t1 = Instant::now();
-        for a in &addrs {
-            a.do_send(Halt);
+        match ack {
+            Ack::Countdown => {
+                for a in &addrs {
+                    a.do_send(Halt);
+                }
+                halted.wait().await;
+            }
+            Ack::SendAwait => {
+                // `send` queues the message at once (the mailboxes are empty, so none is full);
+                // the futures only carry the replies. futures-util is in the dependency tree
+                // (through actix) but not a dependency of this crate, so no `join_all`:
+                // awaiting them in order also completes when the last reply is in. (Tried
+                // outside this crate with futures-util 0.3.34 on this machine: `join_all` over
+                // the same 100k replies was no faster, about 5-15% slower, so this loop is the
+                // harder baseline of the two.)
+                let replies: Vec<_> = addrs.iter().map(|a| a.send(Stop)).collect();
+                for r in replies {
+                    r.await.expect("stop acknowledged");
+                }
+            }
         }
-        halted.wait().await;
         let stop = t1.elapsed();
         drop(addrs);
         (start, stop)
@@ -349,10 +401,11 @@ fn figure_flat() {
     // Figures 1 and 3. The first tree build doubles as the warm-up's.
     let mut build = Vec::new();
     let (mut ts, mut td, mut as_, mut ad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut sd = Vec::new();
     let mut n = runs();
     let mut i = 0;
     while i <= n {
-        let (a_start, a_stop) = actix_run(WORKERS);
+        let (a_start, a_stop) = actix_run(WORKERS, Ack::Countdown);
         let t = Instant::now();
         let tree = flat_tree(WORKERS);
         let b = t.elapsed();
@@ -368,9 +421,13 @@ fn figure_flat() {
             }
         }
         let (t_start, t_stop) = tree_run(tree, WORKERS);
+        // The second baseline goes after the tree run, so that the countdown baseline and the
+        // tree still run back to back exactly as before it was added.
+        let (_, s_stop) = actix_run(WORKERS, Ack::SendAwait);
         if i > 0 {
             as_.push(ms(a_start));
             ad.push(ms(a_stop));
+            sd.push(ms(s_stop));
             ts.push(ms(t_start));
             td.push(ms(t_stop));
         }
@@ -384,10 +441,29 @@ fn figure_flat() {
         fmt_list(&as_),
         fmt_list(&ad)
     );
+    println!(
+        "info: flat 100k runs (ms): actix send(Stop)+await stop [{}]",
+        fmt_list(&sd)
+    );
+    let tree_stop = median(td);
     result(
         "shutdown_flat_100k",
-        median(td),
+        tree_stop,
         median(ad),
+        "ms",
+        Better::Lower,
+        1.2,
+    );
+    // The same tree runs against the second baseline, measured in the same iterations: 100k
+    // `addr.send(Stop)` (the handler calls `ctx.stop()`), every response future kept and then
+    // awaited; time until the last reply. The line above compares with the cheapest possible
+    // fan-in (a shared atomic countdown, no reply channel); this one with the way an actix user
+    // would typically write "send each actor a stop message and collect an ack", which pays a
+    // oneshot reply channel per actor. Both are printed so the ratio can be read against either.
+    result(
+        "shutdown_flat_100k_vs_send_await",
+        tree_stop,
+        median(sd),
         "ms",
         Better::Lower,
         1.2,
@@ -406,17 +482,21 @@ fn figure_deep() {
     // Figure 2, against bare actix (flat: the same 100k stop/ack) measured alongside.
     let n = runs();
     let (mut dts, mut dtd, mut dad, mut dbuild) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut dsd = Vec::new();
     for i in 0..=n {
-        let (_, a_stop) = actix_run(WORKERS);
+        let (_, a_stop) = actix_run(WORKERS, Ack::Countdown);
         let t = Instant::now();
         let tree = deep_tree(10, 4);
         let b = t.elapsed();
         let (t_start, t_stop) = tree_run(tree, WORKERS);
+        // After the tree run, as in `figure_flat`.
+        let (_, s_stop) = actix_run(WORKERS, Ack::SendAwait);
         if i == 0 {
             continue;
         }
         dbuild.push(ms(b));
         dad.push(ms(a_stop));
+        dsd.push(ms(s_stop));
         dts.push(ms(t_start));
         dtd.push(ms(t_stop));
     }
@@ -427,10 +507,26 @@ fn figure_deep() {
         fmt_list(&dtd),
         fmt_list(&dad)
     );
+    println!(
+        "info: 10-ary 5-deep runs (ms): actix (flat) send(Stop)+await stop [{}]",
+        fmt_list(&dsd)
+    );
+    let tree_stop = median(dtd);
     result(
         "shutdown_10ary_5deep_100k",
-        median(dtd),
+        tree_stop,
         median(dad),
+        "ms",
+        Better::Lower,
+        1.2,
+    );
+    // The same deep-tree runs against the `send(Stop)` + await baseline (see
+    // `figure_flat`): the line above is against the cheapest possible fan-in (an atomic
+    // countdown), this one against the way an actix user would typically collect 100k acks.
+    result(
+        "shutdown_10ary_5deep_100k_vs_send_await",
+        tree_stop,
+        median(dsd),
         "ms",
         Better::Lower,
         1.2,
