@@ -56,6 +56,8 @@ pub(crate) struct Mailbox<A: Actor> {
     /// The runtime asked for the task to be cancelled. Read on every poll of the task, so it is
     /// not behind the lock.
     abort: AtomicBool,
+    /// `handled` when `Stopping` was queued (`u64::MAX` before): the drain counts from there.
+    handled_at_told: AtomicU64,
     /// Senders waiting in `send` for room in a full mailbox. Made on first use: most mailboxes
     /// are unbounded and never need it.
     room: std::sync::OnceLock<Box<tokio::sync::Notify>>,
@@ -71,9 +73,22 @@ struct State<A: Actor> {
     waker: Option<Waker>,
     /// Shared by the siblings told in the same pass.
     stop_order: Option<Arc<Stopping>>,
-    /// `handled` when `Stopping` was queued: the drain counts from there.
-    handled_at_told: u64,
+    /// `Stopping` came while the queue was empty, so it goes before anything queued since,
+    /// without an envelope (an idle worker's queue then never allocates).
+    stop_first: bool,
     senders_waiting_for_room: u32,
+}
+
+/// What [`Mailbox::fetch`] found.
+pub(crate) enum Fetched {
+    /// `Stopping`, ahead of anything queued.
+    Stop(Arc<Stopping>),
+    /// Messages, now in the worker's batch (possibly with a `Stop` envelope among them).
+    Messages,
+    /// Nothing queued, and the gate is now closed.
+    Closed,
+    /// Nothing queued; the worker is parked.
+    Nothing,
 }
 
 /// Why a push was refused; the caller gets its message back.
@@ -93,13 +108,14 @@ impl<A: Actor> Mailbox<A> {
                 parked: false,
                 waker: None,
                 stop_order: None,
-                handled_at_told: 0,
+                stop_first: false,
                 senders_waiting_for_room: 0,
             }),
             handled: AtomicU64::new(0),
             capacity: AtomicUsize::new(0),
             acked: AtomicBool::new(false),
             abort: AtomicBool::new(false),
+            handled_at_told: AtomicU64::new(u64::MAX),
             room: std::sync::OnceLock::new(),
         }
     }
@@ -143,8 +159,13 @@ impl<A: Actor> Mailbox<A> {
             return false;
         }
         st.stop_order = Some(order);
-        st.handled_at_told = self.handled();
-        st.queue.push_back(Envelope::Stop);
+        self.handled_at_told
+            .store(self.handled(), Ordering::Release);
+        if st.queue.is_empty() {
+            st.stop_first = true;
+        } else {
+            st.queue.push_back(Envelope::Stop);
+        }
         st.wake_if_parked();
         true
     }
@@ -156,43 +177,45 @@ impl<A: Actor> Mailbox<A> {
 
     /// Messages handled since `Stopping` was queued (0 if it never was).
     pub(crate) fn drained_since_told(&self) -> u64 {
-        let st = self.state.lock();
-        if st.stop_order.is_some() {
-            self.handled().saturating_sub(st.handled_at_told)
-        } else {
-            0
+        match self.handled_at_told.load(Ordering::Acquire) {
+            u64::MAX => 0,
+            at => self.handled().saturating_sub(at),
         }
     }
 
-    /// Moves everything queued into `batch` (which must be empty). When there is nothing, the
-    /// worker is parked and `waker` will be woken by the next push.
-    pub(crate) fn take_batch(&self, batch: &mut VecDeque<Envelope<A>>, waker: &Waker) {
+    /// The worker's one trip to the mailbox when its batch (which must be empty) runs out:
+    /// a `Stopping` that goes first, else everything queued (moved into `batch`), else — when
+    /// `may_close` (draining, nothing in flight) — the gate closes, else the worker is parked
+    /// and `waker` will be woken by the next push.
+    pub(crate) fn fetch(
+        &self,
+        batch: &mut VecDeque<Envelope<A>>,
+        waker: &Waker,
+        may_close: bool,
+    ) -> Fetched {
         debug_assert!(batch.is_empty());
-        let notify_room = {
-            let mut st = self.state.lock();
-            if st.queue.is_empty() {
-                st.parked = true;
-                st.set_waker(waker);
-                false
-            } else {
-                std::mem::swap(&mut st.queue, batch);
-                st.senders_waiting_for_room > 0
+        let mut st = self.state.lock();
+        if std::mem::take(&mut st.stop_first) {
+            if let Some(order) = st.stop_order.clone() {
+                return Fetched::Stop(order);
             }
-        };
-        if notify_room {
-            self.notify_room();
         }
-    }
-
-    /// Closes the gate if nothing is queued; otherwise leaves it open and returns false, so that
-    /// the worker handles what slipped in first.
-    pub(crate) fn close_if_empty(&self) -> bool {
-        let st = self.state.lock();
         if !st.queue.is_empty() {
-            return false;
+            std::mem::swap(&mut st.queue, batch);
+            let waiting = st.senders_waiting_for_room > 0;
+            drop(st);
+            if waiting {
+                self.notify_room();
+            }
+            return Fetched::Messages;
         }
-        self.close_locked(st);
-        true
+        if may_close {
+            self.close_locked(st);
+            return Fetched::Closed;
+        }
+        st.parked = true;
+        st.set_waker(waker);
+        Fetched::Nothing
     }
 
     /// Closes the gate whatever is queued (the child is gone or aborted).

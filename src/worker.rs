@@ -27,7 +27,7 @@ use actix::fut::ActorFuture;
 use actix::prelude::*;
 use parking_lot::Mutex;
 
-use crate::mailbox::{Envelope, Mailbox};
+use crate::mailbox::{Envelope, Fetched, Mailbox};
 use crate::protocol::{panic_message, DrainStats, Event, EventTx, Exit, NodeId, Stopping};
 
 const LOG: &str = "actix_supervisor::worker";
@@ -185,47 +185,46 @@ pub(crate) struct Pump<A: Worker> {
 }
 
 impl<A: Worker> Pump<A> {
-    /// Handles up to `BATCH_LIMIT` messages. Returns `Ready` when the mailbox is drained and
-    /// closed-worthy (only in draining), `Pending` otherwise.
-    fn handle_messages(
+    /// Handles the batch taken from the mailbox, up to `BATCH_LIMIT` messages per poll.
+    /// `Ready` when the batch is empty; `Pending` when the context must run something else
+    /// first (a `ctx.wait`, a stop, or other tasks on this arbiter).
+    fn handle_batch(
         &mut self,
         act: &mut A,
         ctx: &mut Context<A>,
         task: &mut TaskContext<'_>,
+        handled: &mut usize,
     ) -> Poll<()> {
-        let mut handled = 0usize;
         loop {
             if ctx.waiting() {
                 // `ctx.wait` or a stop is in progress: the context polls us again after it.
                 return Poll::Pending;
             }
-            if handled >= BATCH_LIMIT {
+            if *handled >= BATCH_LIMIT {
                 // Let the other tasks on this arbiter run; continue right after them.
                 task.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            let Some(env) = self.batch.pop_front() else {
-                self.mailbox.take_batch(&mut self.batch, task.waker());
-                if self.batch.is_empty() {
-                    return Poll::Ready(());
-                }
-                continue;
-            };
-            match env {
-                Envelope::Message(job) => {
+            match self.batch.pop_front() {
+                None => return Poll::Ready(()),
+                Some(Envelope::Message(job)) => {
                     job.run(act, ctx);
                     self.mailbox.add_handled(1);
-                    handled += 1;
+                    *handled += 1;
                 }
-                Envelope::Stop => {
+                Some(Envelope::Stop) => {
                     if let Some(order) = self.mailbox.stop_order() {
-                        if !matches!(self.phase, Phase::Draining) {
-                            self.phase = Phase::Draining;
-                            act.on_stopping(ctx, &order);
-                        }
+                        self.begin_drain(act, ctx, &order);
                     }
                 }
             }
+        }
+    }
+
+    fn begin_drain(&mut self, act: &mut A, ctx: &mut Context<A>, order: &Stopping) {
+        if self.phase != Phase::Draining {
+            self.phase = Phase::Draining;
+            act.on_stopping(ctx, order);
         }
     }
 }
@@ -245,30 +244,27 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
             let _ = this.events.send(Event::Started(this.id));
             this.phase = Phase::Running;
         }
+        let mut handled = 0;
         loop {
-            match &mut this.phase {
-                Phase::Starting | Phase::Running => {
-                    if this.handle_messages(act, ctx, task).is_pending() {
+            match this.phase {
+                Phase::Starting | Phase::Running | Phase::Draining => {
+                    if this.handle_batch(act, ctx, task, &mut handled).is_pending() {
                         return Poll::Pending;
                     }
-                    if matches!(this.phase, Phase::Running | Phase::Starting) {
-                        return Poll::Pending; // parked on the mailbox
-                    }
-                }
-                Phase::Draining => {
-                    if this.handle_messages(act, ctx, task).is_pending() {
-                        return Poll::Pending;
-                    }
-                    if let Some(tracker) = act.in_flight() {
-                        if !tracker.idle_or_register(task.waker()) {
-                            return Poll::Pending;
+                    // The drain may end once tracked in-flight work is idle too.
+                    let may_close = this.phase == Phase::Draining
+                        && act
+                            .in_flight()
+                            .is_none_or(|t| t.idle_or_register(task.waker()));
+                    match this.mailbox.fetch(&mut this.batch, task.waker(), may_close) {
+                        Fetched::Messages => {}
+                        Fetched::Stop(order) => this.begin_drain(act, ctx, &order),
+                        Fetched::Closed => {
+                            this.hook = act.on_drained(ctx);
+                            this.phase = Phase::Flushing;
                         }
+                        Fetched::Nothing => return Poll::Pending,
                     }
-                    if !this.mailbox.close_if_empty() {
-                        continue; // something was accepted in the meantime: handle it first
-                    }
-                    this.hook = act.on_drained(ctx);
-                    this.phase = Phase::Flushing;
                 }
                 Phase::Flushing => {
                     if let Some(fut) = &mut this.hook {
