@@ -40,6 +40,12 @@ pub type HookFuture<A> = Pin<Box<dyn ActorFuture<A, Output = ()>>>;
 
 /// What turns an actix actor into a supervised worker: two hooks, both optional.
 ///
+/// The drain guarantees (handled before the acknowledgement, or refused at the sender, or counted
+/// as dropped) cover messages sent through the worker's [`ChildAddr`](crate::ChildAddr). Its raw
+/// actix `Addr` (`ctx.address()`) still works — actix's mailbox is drained on every poll, before
+/// the tree's — but actix drops whatever reaches it after the worker stopped, uncounted; give
+/// other actors the `ChildAddr`.
+///
 /// ```
 /// use actix::prelude::*;
 /// use actix_supervisor::{Stopping, Worker};
