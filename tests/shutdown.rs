@@ -190,7 +190,11 @@ async fn everything_accepted_is_handled_and_later_sends_fail() {
     let sender = spawn_sender(addr.clone(), Duration::from_millis(1));
     actix_rt::time::sleep(Duration::from_millis(50)).await;
     // Queued behind a long handler, so still waiting when `Stopping` is queued behind them.
-    addr.do_send(Block(Duration::from_millis(300))).unwrap();
+    let (blocker, entered) = block(Duration::from_millis(1_000));
+    addr.do_send(blocker).unwrap();
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the probe is busy");
     for _ in 0..5_000 {
         addr.do_send(Work).unwrap();
     }
@@ -520,15 +524,23 @@ async fn in_flight_async_work_is_awaited_before_the_acknowledgement() {
             Some(&self.in_flight)
         }
     }
+    /// Doubles a number asynchronously; says when it began and records when it finished.
     #[derive(Message)]
     #[rtype(result = "u32")]
-    struct Compute(u32);
+    struct Compute(
+        u32,
+        tokio::sync::oneshot::Sender<()>,
+        Arc<parking_lot::Mutex<Option<Instant>>>,
+    );
     impl Handler<Compute> for Slow {
         type Result = ResponseFuture<u32>;
         fn handle(&mut self, m: Compute, _: &mut Context<Self>) -> Self::Result {
+            let Compute(n, began, finished) = m;
+            let _ = began.send(());
             Box::pin(self.in_flight.track(async move {
                 actix_rt::time::sleep(Duration::from_millis(300)).await;
-                m.0 * 2
+                *finished.lock() = Some(Instant::now());
+                n * 2
             }))
         }
     }
@@ -544,23 +556,28 @@ async fn in_flight_async_work_is_awaited_before_the_acknowledgement() {
         .start()
         .await
         .unwrap();
+    let (began_tx, began) = tokio::sync::oneshot::channel();
+    let finished = Arc::new(parking_lot::Mutex::new(None));
     let answer = actix_rt::spawn({
-        let addr = addr.clone();
-        async move { addr.send(Compute(21)).await }
+        let (addr, finished) = (addr.clone(), finished.clone());
+        async move { addr.send(Compute(21, began_tx, finished)).await }
     });
-    actix_rt::time::sleep(Duration::from_millis(50)).await;
+    began.await.expect("the request is in flight");
     let report = handle.shutdown("test").await;
+    let acknowledged = Instant::now();
+    let finished = finished
+        .lock()
+        .expect("the in-flight work finished, not cancelled");
+    assert!(
+        finished <= acknowledged,
+        "it finished before the worker acknowledged"
+    );
     assert_eq!(
         answer.await.unwrap().unwrap(),
         42,
-        "the in-flight request completed"
+        "and its caller got the answer"
     );
-    let slow = report.find("slow").unwrap();
-    assert_eq!(slow.outcome, Outcome::Drained);
-    assert!(
-        slow.drain_time().unwrap() >= Duration::from_millis(200),
-        "{report}"
-    );
+    assert_eq!(report.find("slow").unwrap().outcome, Outcome::Drained);
 }
 
 #[actix::test]
@@ -658,8 +675,11 @@ async fn a_bounded_mailbox_refuses_try_send_when_full_and_send_waits_for_room() 
         .await
         .unwrap();
     // Keep the worker busy so the mailbox fills up.
-    addr.do_send(Block(Duration::from_millis(300))).unwrap();
-    actix_rt::time::sleep(Duration::from_millis(50)).await;
+    let (blocker, entered) = block(Duration::from_millis(300));
+    addr.do_send(blocker).unwrap();
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the probe is busy");
     for _ in 0..4 {
         addr.try_send(Work).unwrap();
     }

@@ -144,14 +144,25 @@ pub fn init_log() {
     let _ = env_logger::builder().is_test(true).try_init();
 }
 
-/// Blocks the probe's arbiter thread for a while (stands for a long CPU-bound handler).
+/// Blocks the probe's arbiter thread for a while (stands for a long CPU-bound handler), and
+/// says when it has begun, so a test can act while the probe is surely busy.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Block(pub Duration);
+pub struct Block {
+    pub time: Duration,
+    pub entered: std::sync::mpsc::Sender<()>,
+}
+
+/// A `Block` for `time`, and the receiver that hears when it begins.
+pub fn block(time: Duration) -> (Block, std::sync::mpsc::Receiver<()>) {
+    let (entered, rx) = std::sync::mpsc::channel();
+    (Block { time, entered }, rx)
+}
 
 impl Handler<Block> for Probe {
     type Result = ();
     fn handle(&mut self, m: Block, _: &mut Context<Self>) {
-        std::thread::sleep(m.0);
+        let _ = m.entered.send(());
+        std::thread::sleep(m.time);
     }
 }
