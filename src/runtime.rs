@@ -574,6 +574,14 @@ impl Runtime {
                         log::error!(target: LOG, "{} failed: {m}", self.g.path(id));
                         Outcome::Failed(m)
                     }
+                    // Stopping on its own is normal for a running worker (it is then simply
+                    // not running), but while draining it abandons the drain.
+                    Exit::Stopped if self.st[id.index()].status == Status::Told => {
+                        log::warn!(target: LOG, "{} stopped without acknowledging", self.g.path(id));
+                        Outcome::Failed(
+                            "stopped itself while draining, without acknowledging".into(),
+                        )
+                    }
                     Exit::Stopped => {
                         log::warn!(target: LOG, "{} stopped on its own", self.g.path(id));
                         Outcome::NotRunning

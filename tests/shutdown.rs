@@ -694,3 +694,67 @@ async fn a_bounded_mailbox_refuses_try_send_when_full_and_send_waits_for_room() 
     assert_eq!(handled.load(Ordering::SeqCst), 5);
     assert_eq!(report.find("small").unwrap().dropped, 0);
 }
+
+/// Stops itself: on `Quit` while running, or in `on_stopping` when told so.
+struct Quitter {
+    quit_when_told: bool,
+}
+impl Actor for Quitter {
+    type Context = Context<Self>;
+}
+impl Worker for Quitter {
+    fn on_stopping(&mut self, ctx: &mut Context<Self>, _: &Stopping) {
+        if self.quit_when_told {
+            ctx.stop();
+        }
+    }
+}
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Quit;
+impl Handler<Quit> for Quitter {
+    type Result = ();
+    fn handle(&mut self, _: Quit, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+#[actix::test]
+async fn a_worker_that_stops_itself_is_not_running_or_failed_if_it_abandons_its_drain() {
+    init_log();
+    let log = Log::default();
+    let early = ChildSpec::worker("early", || Quitter {
+        quit_when_told: false,
+    });
+    let early_addr = early.addr();
+    let handle = Tree::builder("quitters")
+        .child(early)
+        .child(ChildSpec::worker("abandons", || Quitter {
+            quit_when_told: true,
+        }))
+        .child(simple("fine", &log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let _ = early_addr.send(Quit).await; // answered or not, it is gone afterwards
+                                         // Once the tree has seen it stop, sends fail at the sender instead of queueing for nobody.
+    let t0 = Instant::now();
+    while early_addr.connected() && t0.elapsed() < Duration::from_secs(10) {
+        actix_rt::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(matches!(
+        early_addr.do_send(Quit),
+        Err(SendError::Closed(_))
+    ));
+
+    let report = handle.shutdown("test").await;
+    assert_eq!(report.find("early").unwrap().outcome, Outcome::NotRunning);
+    assert!(
+        matches!(&report.find("abandons").unwrap().outcome, Outcome::Failed(m) if m.contains("without acknowledging")),
+        "{report}"
+    );
+    assert_eq!(report.find("fine").unwrap().outcome, Outcome::Drained);
+    assert_eq!(report.exit_code(), EXIT_FAILED);
+}
