@@ -53,6 +53,8 @@ pub(crate) struct Mailbox<A: Actor> {
     capacity: AtomicUsize,
     /// The current instance acknowledged its `Stopping`.
     acked: AtomicBool,
+    /// The current instance took `Stopping` and ran `on_stopping`.
+    draining: AtomicBool,
     /// The runtime asked for the task to be cancelled. Read on every poll of the task, so it is
     /// not behind the lock.
     abort: AtomicBool,
@@ -114,6 +116,7 @@ impl<A: Actor> Mailbox<A> {
             handled: AtomicU64::new(0),
             capacity: AtomicUsize::new(0),
             acked: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             abort: AtomicBool::new(false),
             handled_at_told: AtomicU64::new(u64::MAX),
             room: std::sync::OnceLock::new(),
@@ -290,6 +293,14 @@ impl<A: Actor> Mailbox<A> {
 
     pub(crate) fn set_capacity(&self, capacity: usize) {
         self.capacity.store(capacity, Ordering::Relaxed);
+    }
+
+    pub(crate) fn mark_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     pub(crate) fn mark_acked(&self) {

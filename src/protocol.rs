@@ -98,8 +98,9 @@ impl NodeId {
 /// How a child instance's task ended, when it ended without acknowledging a `Stopping`.
 #[derive(Debug)]
 pub(crate) enum Exit {
-    /// The actor stopped on its own (it called `ctx.stop()`).
-    Stopped,
+    /// The actor stopped on its own (it called `ctx.stop()`); `draining` when it had already
+    /// begun its drain (run `on_stopping`), so the drain was abandoned.
+    Stopped { draining: bool },
     /// A handler or hook panicked.
     Panicked(String),
     /// The instance could not be made (its factory failed).

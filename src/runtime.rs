@@ -437,6 +437,12 @@ impl Runtime {
         while self.st[ROOT.index()].unconfirmed > 0 {
             self.next_start_event().await?;
         }
+        // Supervisors without workers below them are running too, once the tree is.
+        for (i, node) in self.g.nodes.iter().enumerate() {
+            if node.worker.is_none() && self.st[i].status == Status::NotStarted {
+                self.st[i].status = Status::Running;
+            }
+        }
         Ok(())
     }
 
@@ -462,7 +468,15 @@ impl Runtime {
         let Some(worker) = self.g.node(w).worker.clone() else {
             return Ok(());
         };
-        self.st[w.index()].status = Status::Running;
+        // The worker, and the supervisors above it, are running from now on.
+        let mut cur = Some(w);
+        while let Some(n) = cur {
+            if self.st[n.index()].status != Status::NotStarted {
+                break;
+            }
+            self.st[n.index()].status = Status::Running;
+            cur = self.g.node(n).parent;
+        }
         let events = self.events_tx.clone();
         let result = match self.arbiter_of[w.index()] {
             HOME => worker.clone().start(w, events),
@@ -514,7 +528,7 @@ impl Runtime {
                 let (outcome, cause) = match exit {
                     Exit::Panicked(m) => (Outcome::Panicked(m.clone()), format!("panicked: {m}")),
                     Exit::Failed(m) => (Outcome::Failed(m.clone()), m),
-                    Exit::Stopped => (
+                    Exit::Stopped { .. } => (
                         Outcome::Failed("stopped during start".into()),
                         "stopped during start".into(),
                     ),
@@ -575,14 +589,14 @@ impl Runtime {
                         Outcome::Failed(m)
                     }
                     // Stopping on its own is normal for a running worker (it is then simply
-                    // not running), but while draining it abandons the drain.
-                    Exit::Stopped if self.st[id.index()].status == Status::Told => {
+                    // not running), but once it has begun draining it abandons the drain.
+                    Exit::Stopped { draining: true } => {
                         log::warn!(target: LOG, "{} stopped without acknowledging", self.g.path(id));
                         Outcome::Failed(
                             "stopped itself while draining, without acknowledging".into(),
                         )
                     }
-                    Exit::Stopped => {
+                    Exit::Stopped { draining: false } => {
                         log::warn!(target: LOG, "{} stopped on its own", self.g.path(id));
                         Outcome::NotRunning
                     }

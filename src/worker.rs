@@ -230,6 +230,7 @@ impl<A: Worker> Pump<A> {
     fn begin_drain(&mut self, act: &mut A, ctx: &mut Context<A>, order: &Stopping) {
         if self.phase != Phase::Draining {
             self.phase = Phase::Draining;
+            self.mailbox.mark_draining();
             act.on_stopping(ctx, order);
         }
     }
@@ -340,7 +341,10 @@ impl<A: Worker> Future for Cell<A> {
             Ok(Poll::Ready(())) => {
                 this.fut = None;
                 if !this.mailbox.is_acked() {
-                    let _ = this.events.send(Event::Exited(this.id, Exit::Stopped));
+                    let draining = this.mailbox.is_draining();
+                    let _ = this
+                        .events
+                        .send(Event::Exited(this.id, Exit::Stopped { draining }));
                 }
                 Poll::Ready(())
             }

@@ -758,3 +758,81 @@ async fn a_worker_that_stops_itself_is_not_running_or_failed_if_it_abandons_its_
     assert_eq!(report.find("fine").unwrap().outcome, Outcome::Drained);
     assert_eq!(report.exit_code(), EXIT_FAILED);
 }
+
+#[actix::test]
+async fn a_worker_that_stops_itself_before_reaching_stopping_is_not_running() {
+    init_log();
+    // On its own thread, blocked, with a `Quit` queued behind the block: the shutdown queues
+    // `Stopping` behind the `Quit`, so the worker stops on its own before it sees `Stopping`.
+    let spec = ChildSpec::worker("q", || Quitter {
+        quit_when_told: false,
+    })
+    .placement(Placement::Named("own".into()));
+    let addr = spec.addr();
+    let handle = Tree::builder("t")
+        .child(spec)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    addr.do_send(Hold(Duration::from_millis(200), entered_tx))
+        .unwrap();
+    addr.do_send(Quit).unwrap();
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("holding");
+    let report = handle.shutdown("test").await;
+    assert_eq!(
+        report.find("q").unwrap().outcome,
+        Outcome::NotRunning,
+        "{report}"
+    );
+    assert_eq!(report.exit_code(), EXIT_CLEAN);
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Hold(Duration, std::sync::mpsc::Sender<()>);
+impl Handler<Hold> for Quitter {
+    type Result = ();
+    fn handle(&mut self, m: Hold, _: &mut Context<Self>) {
+        let _ = m.1.send(());
+        std::thread::sleep(m.0);
+    }
+}
+
+#[actix::test]
+async fn a_supervisor_aborted_before_being_told_timed_out_with_its_children() {
+    init_log();
+    let log = Log::default();
+    // `s` has 100 ms; `front` needs 1 s and `inner` waits for it, so `inner` is still waiting to
+    // be told when `s`'s deadline aborts everything under it.
+    let slow = Behaviour {
+        drained_delay: Some(Duration::from_secs(1)),
+        ..Behaviour::default()
+    };
+    let tree = Tree::builder("t")
+        .child(
+            SupervisorSpec::new("s")
+                .budget(Duration::from_millis(100))
+                .child(probe("front", "s/front", &log, slow).0.depends_on("inner"))
+                .child(nested("inner", "s/inner", &log, &["back"]))
+                .child(SupervisorSpec::new("empty")),
+        )
+        .build()
+        .unwrap();
+    let handle = tree.start().await.unwrap();
+    let report = handle.shutdown("test").await;
+    for path in ["s", "s/front", "s/inner", "s/inner/back"] {
+        assert_eq!(
+            report.find(path).unwrap().outcome,
+            Outcome::TimedOut,
+            "{path}: {report}"
+        );
+    }
+    // Told at once (no dependency), an empty supervisor acknowledges at once.
+    assert_eq!(report.find("s/empty").unwrap().outcome, Outcome::Drained);
+    assert_eq!(report.find("s/inner").unwrap().told, None);
+}
