@@ -311,6 +311,23 @@ struct Books {
 
 impl Finished {
     /// Context for assertion messages.
+    /// `produced = consumed + lost`, and `lost` is exactly what the report counts as dropped.
+    fn assert_books_balance(&self) {
+        let books = self.books();
+        assert_eq!(
+            books.produced,
+            books.consumed + books.lost,
+            "{books:?}\n{}",
+            self.dump()
+        );
+        assert_eq!(
+            books.lost,
+            self.report_dropped(),
+            "{books:?}\n{}",
+            self.dump()
+        );
+    }
+
     fn dump(&self) -> String {
         format!(
             "exit {:?} after {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
@@ -515,19 +532,7 @@ fn a_hung_worker_is_aborted_at_the_overall_deadline() {
     );
     // The hung worker had handled everything before hanging in its flush: nothing is lost, and
     // whatever was dropped is exactly what the books say.
-    let books = done.books();
-    assert_eq!(
-        books.produced,
-        books.consumed + books.lost,
-        "{books:?}\n{}",
-        done.dump()
-    );
-    assert_eq!(
-        books.lost,
-        done.report_dropped(),
-        "{books:?}\n{}",
-        done.dump()
-    );
+    done.assert_books_balance();
 }
 
 #[test]
@@ -564,13 +569,8 @@ fn a_second_sigterm_forces_the_shutdown() {
     ] {
         assert_eq!(done.outcome(path), "Drained", "{path}\n{}", done.dump());
     }
-    let books = done.books();
-    assert_eq!(
-        books.produced,
-        books.consumed + books.lost,
-        "{books:?}\n{}",
-        done.dump()
-    );
+    // Whatever the abort dropped is exactly what the books call lost.
+    done.assert_books_balance();
 }
 
 #[test]
@@ -603,20 +603,8 @@ fn a_panic_while_draining_is_reported_and_the_siblings_still_drain() {
         }
     }
     // workers/2 had handled everything queued before `Stopping` when it panicked.
-    let books = done.books();
-    assert!(books.produced > 0, "{books:?}\n{}", done.dump());
-    assert_eq!(
-        books.produced,
-        books.consumed + books.lost,
-        "{books:?}\n{}",
-        done.dump()
-    );
-    assert_eq!(
-        books.lost,
-        done.report_dropped(),
-        "{books:?}\n{}",
-        done.dump()
-    );
+    assert!(done.books().produced > 0, "{}", done.dump());
+    done.assert_books_balance();
 }
 
 #[test]
