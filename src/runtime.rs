@@ -788,7 +788,7 @@ impl Runtime {
             let s = &self.st[n.index()];
             let spent = s.told_at.at(self.base).map(|t| now - t).unwrap_or_default();
             let budget = match (s.told_at.at(self.base), s.deadline.at(self.base)) {
-                (Some(t), Some(d)) => fmt_duration(d - t),
+                (Some(t), Some(d)) => fmt_secs(d - t),
                 _ => "-".into(),
             };
             if i > 0 {
@@ -1099,6 +1099,8 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// Seconds to a tenth, without a trailing `.0`: `2.1s`, `5s` — as progress lines show them.
 fn fmt_secs(d: Duration) -> String {
-    format!("{:.1}s", d.as_secs_f64())
+    let s = format!("{:.1}", d.as_secs_f64());
+    format!("{}s", s.strip_suffix(".0").unwrap_or(&s))
 }
