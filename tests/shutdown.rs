@@ -836,3 +836,100 @@ async fn a_supervisor_aborted_before_being_told_timed_out_with_its_children() {
     assert_eq!(report.find("s/empty").unwrap().outcome, Outcome::Drained);
     assert_eq!(report.find("s/inner").unwrap().told, None);
 }
+
+#[actix::test]
+async fn force_shutdown_aborts_what_is_pending_at_once() {
+    init_log();
+    let log = Log::default();
+    let hang = Behaviour {
+        hang_in_drained: true,
+        ..Behaviour::default()
+    };
+    let handle = Tree::builder("forced")
+        .child(
+            probe("stuck", "stuck", &log, hang)
+                .0
+                .budget(Duration::from_secs(20)),
+        )
+        .child(simple("fine", &log))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let graceful = handle.shutdown("test");
+    // Wait until the stuck worker is told and hanging, then force.
+    let t0 = Instant::now();
+    while log.pos(&Ev::Stopping("stuck".into())).is_none() && t0.elapsed() < Duration::from_secs(10)
+    {
+        actix_rt::time::sleep(Duration::from_millis(5)).await;
+    }
+    let forced_at = Instant::now();
+    let forced = handle.force_shutdown("operator").await;
+    assert!(
+        forced_at.elapsed() < Duration::from_secs(3),
+        "no waiting for the 20 s budget"
+    );
+    let report = graceful.await;
+    assert!(Arc::ptr_eq(&report, &forced), "one shutdown, one report");
+    assert_eq!(report.outcome, TreeOutcome::Forced);
+    assert_eq!(report.exit_code(), EXIT_FORCED);
+    assert_eq!(report.reason, "test", "the first trigger's reason");
+    assert_eq!(report.find("stuck").unwrap().outcome, Outcome::TimedOut);
+    assert_eq!(report.find("fine").unwrap().outcome, Outcome::Drained);
+}
+
+#[test]
+fn a_tree_that_owns_the_system_stops_it_with_the_reports_exit_code() {
+    let sys = actix::System::new();
+    let log = Log::default();
+    let hang = Behaviour {
+        hang_in_drained: true,
+        ..Behaviour::default()
+    };
+    let tree = Tree::builder("owner")
+        .child(
+            probe("stuck", "stuck", &log, hang)
+                .0
+                .budget(Duration::from_millis(200)),
+        )
+        .stop_system(true)
+        .build()
+        .unwrap();
+    sys.runtime().spawn(async move {
+        let handle = tree.start().await.unwrap();
+        drop(handle.shutdown("test"));
+    });
+    let code = sys.run_with_code().expect("the System ran");
+    assert_eq!(
+        code, EXIT_TIMED_OUT,
+        "the System stopped with the report's code"
+    );
+}
+
+#[actix::test]
+async fn workers_can_run_on_an_arbiter_the_caller_owns() {
+    init_log();
+    let log = Log::default();
+    let arbiter = Arbiter::new();
+    let (spec, handled) = probe("mine", "mine", &log, Behaviour::default());
+    let addr = spec.addr();
+    let handle = Tree::builder("owned")
+        .child(spec.placement(Placement::Arbiter(arbiter.handle())))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(addr.send(Work).await.unwrap(), 1);
+    let report = handle.shutdown("test").await;
+    assert_eq!(report.outcome, TreeOutcome::Clean);
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    // The tree stops only the arbiters it created: the caller's still runs tasks.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    assert!(arbiter.spawn(async move {
+        let _ = tx.send(());
+    }));
+    rx.await.expect("the caller's arbiter is still running");
+    arbiter.stop();
+}
