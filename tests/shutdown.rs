@@ -271,18 +271,15 @@ async fn messages_sent_while_draining_are_handled() {
 async fn a_hung_child_is_aborted_at_its_budget_and_siblings_drain() {
     init_log();
     let log = Log::default();
-    let hang = Behaviour {
-        hang_in_drained: true,
-        ..Behaviour::default()
-    };
     let tree = Tree::builder("hang")
         .child(
             SupervisorSpec::new("sup")
-                .child(
-                    probe("stuck", "sup/stuck", &log, hang)
-                        .0
-                        .budget(Duration::from_millis(400)),
-                )
+                .child(stuck(
+                    "stuck",
+                    "sup/stuck",
+                    &log,
+                    Duration::from_millis(400),
+                ))
                 .child(probe("fine", "sup/fine", &log, Behaviour::default()).0),
         )
         .child(simple("after", &log))
@@ -363,45 +360,14 @@ async fn panics_while_draining_are_recorded_and_siblings_still_drain() {
 async fn the_overall_deadline_aborts_everything_pending() {
     init_log();
     let log = Log::default();
-    let hang = Behaviour {
-        hang_in_drained: true,
-        ..Behaviour::default()
-    };
+    // `stuck` depends on `waits`, so `waits` is told only after `stuck` acknowledges — never.
     let tree = Tree::builder("overall")
-        .child(
-            probe("stuck", "stuck", &log, hang)
-                .0
-                .budget(Duration::from_secs(20)),
-        )
-        // Told only after `stuck` acknowledges, which it never does.
+        .child(stuck("stuck", "stuck", &log, Duration::from_secs(20)).depends_on("waits"))
         .child(simple("waits", &log).budget(Duration::from_secs(20)))
         .child(simple("free", &log))
         .deadline(Duration::from_millis(600))
-        .build();
-    // `stuck` depends on `waits`, so `waits` waits for `stuck`.
-    let tree = {
-        drop(tree);
-        Tree::builder("overall")
-            .child(
-                probe(
-                    "stuck",
-                    "stuck",
-                    &log,
-                    Behaviour {
-                        hang_in_drained: true,
-                        ..Behaviour::default()
-                    },
-                )
-                .0
-                .budget(Duration::from_secs(20))
-                .depends_on("waits"),
-            )
-            .child(simple("waits", &log).budget(Duration::from_secs(20)))
-            .child(simple("free", &log))
-            .deadline(Duration::from_millis(600))
-            .build()
-            .unwrap()
-    };
+        .build()
+        .unwrap();
     let handle = tree.start().await.unwrap();
     let t0 = Instant::now();
     let report = handle.shutdown("test").await;
@@ -841,16 +807,8 @@ async fn a_supervisor_aborted_before_being_told_timed_out_with_its_children() {
 async fn force_shutdown_aborts_what_is_pending_at_once() {
     init_log();
     let log = Log::default();
-    let hang = Behaviour {
-        hang_in_drained: true,
-        ..Behaviour::default()
-    };
     let handle = Tree::builder("forced")
-        .child(
-            probe("stuck", "stuck", &log, hang)
-                .0
-                .budget(Duration::from_secs(20)),
-        )
+        .child(stuck("stuck", "stuck", &log, Duration::from_secs(20)))
         .child(simple("fine", &log))
         .build()
         .unwrap()
@@ -883,16 +841,8 @@ async fn force_shutdown_aborts_what_is_pending_at_once() {
 fn a_tree_that_owns_the_system_stops_it_with_the_reports_exit_code() {
     let sys = actix::System::new();
     let log = Log::default();
-    let hang = Behaviour {
-        hang_in_drained: true,
-        ..Behaviour::default()
-    };
     let tree = Tree::builder("owner")
-        .child(
-            probe("stuck", "stuck", &log, hang)
-                .0
-                .budget(Duration::from_millis(200)),
-        )
+        .child(stuck("stuck", "stuck", &log, Duration::from_millis(200)))
         .stop_system(true)
         .build()
         .unwrap();

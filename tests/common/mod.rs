@@ -53,6 +53,23 @@ pub struct Behaviour {
     pub work: Option<Duration>,
 }
 
+impl Behaviour {
+    /// Its drained hook never completes: it has to be aborted.
+    pub fn hanging() -> Self {
+        Behaviour {
+            hang_in_drained: true,
+            ..Behaviour::default()
+        }
+    }
+}
+
+/// A probe that hangs in its drained hook, with a shutdown budget.
+pub fn stuck(name: &str, path: &str, log: &Log, budget: Duration) -> WorkerSpec<Probe> {
+    probe(name, path, log, Behaviour::hanging())
+        .0
+        .budget(budget)
+}
+
 pub struct Probe {
     pub path: String,
     pub log: Log,
