@@ -311,6 +311,14 @@ struct Books {
 
 impl Finished {
     /// Context for assertion messages.
+    /// Each of `paths` drained.
+    fn assert_drained<P: AsRef<str>>(&self, paths: impl IntoIterator<Item = P>) {
+        for path in paths {
+            let path = path.as_ref();
+            assert_eq!(self.outcome(path), "Drained", "{path}\n{}", self.dump());
+        }
+    }
+
     /// `produced = consumed + lost`, and `lost` is exactly what the report counts as dropped.
     fn assert_books_balance(&self) {
         let books = self.books();
@@ -512,7 +520,7 @@ fn a_hung_worker_is_aborted_at_the_overall_deadline() {
     );
     assert_eq!(done.report["outcome"], "TimedOut", "{}", done.dump());
     assert_eq!(done.outcome("workers/1"), "TimedOut", "{}", done.dump());
-    for path in [
+    done.assert_drained([
         "source",
         "source/0",
         "source/1",
@@ -520,9 +528,7 @@ fn a_hung_worker_is_aborted_at_the_overall_deadline() {
         "workers/0",
         "workers/2",
         "workers/3",
-    ] {
-        assert_eq!(done.outcome(path), "Drained", "{path}\n{}", done.dump());
-    }
+    ]);
     assert!(
         done.stderr
             .lines()
@@ -559,16 +565,14 @@ fn a_second_sigterm_forces_the_shutdown() {
     );
     assert_eq!(done.report["outcome"], "Forced", "{}", done.dump());
     assert_eq!(done.outcome("workers/1"), "TimedOut", "{}", done.dump());
-    for path in [
+    done.assert_drained([
         "source/0",
         "source/1",
         "router",
         "workers/0",
         "workers/2",
         "workers/3",
-    ] {
-        assert_eq!(done.outcome(path), "Drained", "{path}\n{}", done.dump());
-    }
+    ]);
     // Whatever the abort dropped is exactly what the books call lost.
     done.assert_books_balance();
 }
@@ -597,11 +601,7 @@ fn a_panic_while_draining_is_reported_and_the_siblings_still_drain() {
         "the printed report does not show the panic\n{}",
         done.dump()
     );
-    for path in all_paths(2, 4) {
-        if path != "workers/2" {
-            assert_eq!(done.outcome(&path), "Drained", "{path}\n{}", done.dump());
-        }
-    }
+    done.assert_drained(all_paths(2, 4).iter().filter(|p| *p != "workers/2"));
     // workers/2 had handled everything queued before `Stopping` when it panicked.
     assert!(done.books().produced > 0, "{}", done.dump());
     done.assert_books_balance();
