@@ -50,6 +50,15 @@ pub enum BuildError {
     },
     /// A pool was declared with zero arbiters.
     EmptyPool(String),
+    /// A supervisor's restart backoff has its minimum above its maximum.
+    InvalidBackoff {
+        /// Which supervisor: `the root` or its path in backquotes.
+        supervisor: String,
+        /// The minimum given.
+        min: std::time::Duration,
+        /// The maximum given.
+        max: std::time::Duration,
+    },
 }
 
 impl fmt::Display for BuildError {
@@ -74,6 +83,10 @@ impl fmt::Display for BuildError {
                 "child `{child}` is placed on pool `{pool}`, which is not declared (TreeBuilder::pool)"
             ),
             BuildError::EmptyPool(pool) => write!(f, "pool `{pool}` has zero arbiters"),
+            BuildError::InvalidBackoff { supervisor, min, max } => write!(
+                f,
+                "restart backoff of {supervisor}: minimum {min:?} is above maximum {max:?}"
+            ),
         }
     }
 }

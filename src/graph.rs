@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::error::BuildError;
 use crate::protocol::NodeId;
 use crate::spec::{ChildSpec, Placement, SpecKind, WorkerControl};
+use crate::supervision::{Restart, Supervision};
 
 /// The root's id: the arena's first node, a supervisor with the tree's name.
 pub(crate) const ROOT: NodeId = NodeId(0);
@@ -32,11 +33,19 @@ pub(crate) struct Node {
     pub(crate) placement: Option<Box<Placement>>,
     /// `Some` for a worker.
     pub(crate) worker: Option<Arc<dyn WorkerControl>>,
+    /// For a supervisor with settings other than the defaults.
+    supervision: Option<Box<Supervision>>,
+    pub(crate) restart: Restart,
 }
 
 impl Node {
     pub(crate) fn budget(&self) -> Option<Duration> {
         self.budget_ns.map(|ns| Duration::from_nanos(ns.get()))
+    }
+
+    /// A supervisor's strategy, intensity and backoff.
+    pub(crate) fn supervision(&self) -> Supervision {
+        self.supervision.as_deref().copied().unwrap_or_default()
     }
 }
 
@@ -44,6 +53,9 @@ pub(crate) struct Graph {
     pub(crate) nodes: Vec<Node>,
     /// Workers in the order they start.
     pub(crate) start_order: Vec<NodeId>,
+    /// Per node, its place in the start order (supervisors included): siblings are restarted,
+    /// and rest-for-one picks "those started after", by it.
+    pub(crate) start_rank: Vec<u32>,
 }
 
 impl Graph {
@@ -70,8 +82,10 @@ impl Graph {
     pub(crate) fn build(
         tree_name: &str,
         children: Vec<ChildSpec>,
+        root: Supervision,
         pools: &HashMap<String, usize>,
     ) -> Result<Graph, BuildError> {
+        check_supervision(&root, "the root")?;
         let mut g = Graph {
             nodes: vec![Node {
                 name: tree_name.into(),
@@ -82,8 +96,11 @@ impl Graph {
                 budget_ns: None,
                 placement: None,
                 worker: None,
+                supervision: (root != Supervision::default()).then(|| Box::new(root)),
+                restart: Restart::Permanent,
             }],
             start_order: Vec::new(),
+            start_rank: Vec::new(),
         };
         let mut declared_deps: Vec<Vec<String>> = vec![Vec::new()];
         let mut children_of: Vec<Vec<NodeId>> = vec![Vec::new()];
@@ -124,9 +141,13 @@ impl Graph {
             children_of[parent.index()].push(id);
             children_of.push(Vec::new());
             declared_deps.push(common.depends_on);
-            let (worker, grandchildren) = match spec.kind {
-                SpecKind::Worker(w) => (Some(w), None),
-                SpecKind::Supervisor(children) => (None, Some(children)),
+            let (worker, grandchildren, supervision) = match spec.kind {
+                SpecKind::Worker(w) => (Some(w), None, None),
+                SpecKind::Supervisor(children, sup) => {
+                    check_supervision(&sup, &format!("`{}`", join(&g.path(parent), &common.name)))?;
+                    let custom = (sup != Supervision::default()).then(|| Box::new(sup));
+                    (None, Some(children), custom)
+                }
             };
             g.nodes.push(Node {
                 name: common.name.into_boxed_str(),
@@ -142,6 +163,8 @@ impl Graph {
                     other => Some(Box::new(other)),
                 },
                 worker,
+                supervision,
+                restart: common.restart,
             });
             if let Some(children) = grandchildren {
                 stack.push((id, children.into_iter()));
@@ -155,7 +178,7 @@ impl Graph {
         g.check_duplicates()?;
         g.resolve_deps(declared_deps)?;
         g.check_cycles()?;
-        g.start_order = g.compute_start_order();
+        (g.start_order, g.start_rank) = g.compute_start_order();
         Ok(g)
     }
 
@@ -312,7 +335,7 @@ impl Graph {
     /// Workers in start order: the mirror of the stop order, ties broken by declaration order.
     /// Start events: `begin(n)` = 2n, `done(n)` = 2n+1. begin(p) → begin(c); done(c) → done(p);
     /// done(dep) → begin(dependent); begin(n) → done(n).
-    fn compute_start_order(&self) -> Vec<NodeId> {
+    fn compute_start_order(&self) -> (Vec<NodeId>, Vec<u32>) {
         let n = self.nodes.len();
         let mut indegree = vec![0u32; n * 2];
         for (i, node) in self.nodes.iter().enumerate() {
@@ -326,6 +349,8 @@ impl Graph {
             }
         }
         let mut order = Vec::new();
+        let mut rank = vec![0u32; n];
+        let mut next_rank = 0u32;
         let release =
             |e: usize, indegree: &mut Vec<u32>, ready: &mut BinaryHeap<Reverse<(usize, usize)>>| {
                 indegree[e] -= 1;
@@ -336,6 +361,8 @@ impl Graph {
         while let Some(Reverse((i, e))) = ready.pop() {
             let node = &self.nodes[i];
             if e.is_multiple_of(2) {
+                rank[i] = next_rank;
+                next_rank += 1;
                 if node.worker.is_some() {
                     order.push(NodeId(i as u32));
                 }
@@ -352,8 +379,32 @@ impl Graph {
                 }
             }
         }
-        order
+        (order, rank)
     }
+}
+
+/// A supervisor's settings make sense: a non-zero intensity window and backoff bounds.
+fn check_supervision(sup: &Supervision, who: &str) -> Result<(), BuildError> {
+    if sup.intensity.window.is_zero() {
+        return Err(BuildError::ZeroDuration {
+            what: format!("restart intensity window of {who}"),
+        });
+    }
+    if let Some(b) = sup.backoff {
+        if b.min.is_zero() {
+            return Err(BuildError::ZeroDuration {
+                what: format!("minimum restart backoff of {who}"),
+            });
+        }
+        if b.min > b.max {
+            return Err(BuildError::InvalidBackoff {
+                supervisor: who.to_owned(),
+                min: b.min,
+                max: b.max,
+            });
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn join(parent: &str, name: &str) -> String {

@@ -45,12 +45,14 @@
 mod addr;
 mod error;
 mod graph;
+mod instance;
 mod mailbox;
 mod protocol;
 mod report;
 mod runtime;
 mod signals;
 mod spec;
+mod supervision;
 mod tree;
 mod worker;
 
@@ -62,6 +64,7 @@ pub use report::{
     EXIT_TIMED_OUT,
 };
 pub use spec::{ChildSpec, Placement, SupervisorSpec, WorkerSpec};
+pub use supervision::{Backoff, Intensity, Restart, Strategy};
 pub use tree::{Phase, Tree, TreeBuilder, TreeHandle};
 pub use worker::{HookFuture, InFlight, InFlightGuard, Worker};
 

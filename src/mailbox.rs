@@ -13,7 +13,7 @@
 //! busy worker pays for one lock per batch, a sender for one uncontended lock per message.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
 
@@ -21,6 +21,7 @@ use actix::Actor;
 use parking_lot::Mutex;
 
 use crate::error::BoxError;
+use crate::instance::InstanceState;
 use crate::protocol::Stopping;
 
 /// Makes a fresh actor instance for every start of the worker.
@@ -47,19 +48,10 @@ pub(crate) enum Envelope<A: Actor> {
 pub(crate) struct Mailbox<A: Actor> {
     state: Mutex<State<A>>,
     pub(crate) factory: Box<Factory<A>>,
-    /// Messages handled over the child's life. Written only by the worker's own task.
-    handled: AtomicU64,
+    /// Which instance is current, its drain state, and the counts.
+    pub(crate) inst: InstanceState,
     /// Bound on queued messages for `try_send`/`send`; 0 means unbounded.
     capacity: AtomicUsize,
-    /// The current instance acknowledged its `Stopping`.
-    acked: AtomicBool,
-    /// The current instance took `Stopping` and ran `on_stopping`.
-    draining: AtomicBool,
-    /// The runtime asked for the task to be cancelled. Read on every poll of the task, so it is
-    /// not behind the lock.
-    abort: AtomicBool,
-    /// `handled` when `Stopping` was queued (`u64::MAX` before): the drain counts from there.
-    handled_at_told: AtomicU64,
     /// Senders waiting in `send` for room in a full mailbox. Made on first use: most mailboxes
     /// are unbounded and never need it.
     room: std::sync::OnceLock<Box<tokio::sync::Notify>>,
@@ -87,8 +79,9 @@ pub(crate) enum Fetched {
     Stop(Arc<Stopping>),
     /// Messages, now in the worker's batch (possibly with a `Stop` envelope among them).
     Messages,
-    /// Nothing queued, and the gate is now closed.
-    Closed,
+    /// Nothing queued and the drain may end: the gate is now closed, or — when the instance is
+    /// stopped for a restart — left open for the next instance.
+    Drained,
     /// Nothing queued; the worker is parked.
     Nothing,
 }
@@ -113,12 +106,8 @@ impl<A: Actor> Mailbox<A> {
                 stop_first: false,
                 senders_waiting_for_room: 0,
             }),
-            handled: AtomicU64::new(0),
+            inst: InstanceState::default(),
             capacity: AtomicUsize::new(0),
-            acked: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            abort: AtomicBool::new(false),
-            handled_at_told: AtomicU64::new(u64::MAX),
             room: std::sync::OnceLock::new(),
         }
     }
@@ -154,16 +143,16 @@ impl<A: Actor> Mailbox<A> {
         }
     }
 
-    /// Queues the `Stopping` order behind everything accepted so far. Returns false when the
+    /// Queues the `Stopping` order behind everything accepted so far; when the drain ends the
+    /// gate closes if `close`, else it stays open for the next instance. Returns false when the
     /// mailbox is already closed (the worker acknowledged or is gone).
-    pub(crate) fn push_stop(&self, order: Arc<Stopping>) -> bool {
+    pub(crate) fn push_stop(&self, order: Arc<Stopping>, close: bool) -> bool {
         let mut st = self.state.lock();
         if st.closed || st.stop_order.is_some() {
             return false;
         }
         st.stop_order = Some(order);
-        self.handled_at_told
-            .store(self.handled(), Ordering::Release);
+        self.inst.mark_told(close);
         if st.queue.is_empty() {
             st.stop_first = true;
         } else {
@@ -178,12 +167,25 @@ impl<A: Actor> Mailbox<A> {
         self.state.lock().stop_order.clone()
     }
 
-    /// Messages handled since `Stopping` was queued (0 if it never was).
-    pub(crate) fn drained_since_told(&self) -> u64 {
-        match self.handled_at_told.load(Ordering::Acquire) {
-            u64::MAX => 0,
-            at => self.handled().saturating_sub(at),
-        }
+    /// Makes a drain already under way close the gate when it ends (the tree began shutting
+    /// down while the worker was stopping for a restart). Under the lock, so the worker's last
+    /// visit to the mailbox either sees it or finished before it.
+    pub(crate) fn close_when_drained(&self) {
+        let _st = self.state.lock();
+        self.inst.set_close_on_drain();
+    }
+
+    /// Readies the mailbox for a new instance and returns its generation: the gate reopens, a
+    /// `Stopping` meant for an earlier instance is forgotten, and whatever is queued waits for
+    /// the new one.
+    pub(crate) fn new_instance(&self) -> u32 {
+        let mut st = self.state.lock();
+        st.closed = false;
+        st.parked = false;
+        st.stop_order = None;
+        st.stop_first = false;
+        st.queue.retain(|e| matches!(e, Envelope::Message(_)));
+        self.inst.new_generation()
     }
 
     /// The worker's one trip to the mailbox when its batch (which must be empty) runs out:
@@ -213,8 +215,10 @@ impl<A: Actor> Mailbox<A> {
             return Fetched::Messages;
         }
         if may_close {
-            self.close_locked(st);
-            return Fetched::Closed;
+            if self.inst.close_on_drain() {
+                self.close_locked(st);
+            }
+            return Fetched::Drained;
         }
         st.parked = true;
         st.set_waker(waker);
@@ -252,28 +256,14 @@ impl<A: Actor> Mailbox<A> {
         self.state.lock().set_waker(waker);
     }
 
-    /// Asks the worker's task to end at its next poll, and wakes it for that.
+    /// Makes the current instance stale, so its task ends at its next poll, and wakes it for
+    /// that. The gate is left as it is: the runtime closes it when the child is gone for good.
     pub(crate) fn request_abort(&self) {
-        self.abort.store(true, Ordering::Release);
+        self.inst.retire();
         let waker = self.state.lock().waker.clone();
-        self.close();
         if let Some(w) = waker {
             w.wake();
         }
-    }
-
-    pub(crate) fn abort_requested(&self) -> bool {
-        self.abort.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn add_handled(&self, n: u64) {
-        // Single writer: the worker's task. A load and a store avoid a locked instruction.
-        let h = self.handled.load(Ordering::Relaxed);
-        self.handled.store(h + n, Ordering::Release);
-    }
-
-    pub(crate) fn handled(&self) -> u64 {
-        self.handled.load(Ordering::Acquire)
     }
 
     pub(crate) fn accepted(&self) -> u64 {
@@ -293,22 +283,6 @@ impl<A: Actor> Mailbox<A> {
 
     pub(crate) fn set_capacity(&self, capacity: usize) {
         self.capacity.store(capacity, Ordering::Relaxed);
-    }
-
-    pub(crate) fn mark_draining(&self) {
-        self.draining.store(true, Ordering::Release);
-    }
-
-    pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn mark_acked(&self) {
-        self.acked.store(true, Ordering::Release);
-    }
-
-    pub(crate) fn is_acked(&self) -> bool {
-        self.acked.load(Ordering::Acquire)
     }
 
     pub(crate) fn is_closed(&self) -> bool {

@@ -107,15 +107,19 @@ pub(crate) enum Exit {
     Failed(String),
 }
 
+/// Which instance of a worker: every start makes a new generation, so the runtime can tell what
+/// the current instance says from what an aborted one still says.
+pub(crate) type Gen = u32;
+
 /// What children tell the runtime. One unbounded channel per tree carries them all.
 #[derive(Debug)]
 pub(crate) enum Event {
     /// The instance ran `started` (and any `ctx.wait` it set up there) and is handling messages.
-    Started(NodeId),
+    Started(NodeId, Gen),
     /// The instance finished draining and acknowledged.
-    Acked(NodeId, DrainStats),
-    /// The instance's task ended without an acknowledgement.
-    Exited(NodeId, Exit),
+    Acked(NodeId, Gen, DrainStats),
+    /// The instance ended without an acknowledgement.
+    Exited(NodeId, Gen, Exit),
 }
 
 pub(crate) type EventTx = tokio::sync::mpsc::UnboundedSender<Event>;

@@ -61,6 +61,8 @@ pub enum ChildKind {
     Worker,
     /// A supervisor of other children.
     Supervisor,
+    /// A blocking worker, on an OS thread of its own.
+    Blocking,
 }
 
 /// One child's entry in the report.
@@ -86,8 +88,11 @@ pub struct ChildReport {
     /// Messages it had accepted and never handled (aborted or panicked; subtree sum for a
     /// supervisor).
     pub dropped: u64,
-    /// Times it was restarted during its life.
+    /// Times it was restarted during the tree's life.
     pub restarts: u32,
+    /// How its last abnormal end before the shutdown went (`panicked: …`, `failed: …`), if it
+    /// had one: the reason for its latest restart, or for it not running.
+    pub last_failure: Option<String>,
     /// Its children, in declared order (empty for a worker).
     pub children: Vec<ChildReport>,
 }
@@ -363,6 +368,7 @@ mod tests {
             drained: 7,
             dropped: 0,
             restarts: 0,
+            last_failure: None,
             children: Vec::new(),
         }
     }

@@ -19,7 +19,7 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::graph::{Graph, ROOT};
-use crate::protocol::{Event, EventTx, Exit, NodeId, Outcome, Stopping};
+use crate::protocol::{Event, EventTx, Exit, Gen, NodeId, Outcome, Stopping};
 use crate::report::{fmt_duration, ChildKind, ChildReport, ShutdownReport, TreeOutcome};
 use crate::spec::Placement;
 
@@ -194,6 +194,8 @@ struct NodeState {
     drained: u64,
     /// Workers in this subtree whose start is not confirmed yet.
     unconfirmed: u32,
+    /// A worker's current instance; events from others are stale.
+    gen: Gen,
 }
 
 /// How the stop order is decided.
@@ -299,6 +301,7 @@ impl Runtime {
                 pending_children: 0,
                 drained: 0,
                 unconfirmed: 0,
+                gen: 0,
             })
             .collect();
         let rt = Runtime {
@@ -478,13 +481,15 @@ impl Runtime {
             cur = self.g.node(n).parent;
         }
         let events = self.events_tx.clone();
+        let gen = worker.new_instance();
+        self.st[w.index()].gen = gen;
         let result = match self.arbiter_of[w.index()] {
-            HOME => worker.clone().start(w, events),
+            a if a == HOME || !worker.needs_arbiter() => worker.clone().start(w, gen, events),
             a => {
                 let remote = worker.clone();
                 let sent = self.arbiters[a as usize].spawn_fn(move || {
-                    if let Err(cause) = remote.start(w, events.clone()) {
-                        let _ = events.send(Event::Exited(w, Exit::Failed(cause)));
+                    if let Err(cause) = remote.start(w, gen, events.clone()) {
+                        let _ = events.send(Event::Exited(w, gen, Exit::Failed(cause)));
                     }
                 });
                 if sent {
@@ -515,7 +520,12 @@ impl Runtime {
 
     fn on_start_event(&mut self, event: Event) -> Result<(), (String, String)> {
         match event {
-            Event::Started(id) => {
+            Event::Started(id, gen) | Event::Exited(id, gen, _) | Event::Acked(id, gen, _)
+                if gen != self.st[id.index()].gen =>
+            {
+                Ok(())
+            }
+            Event::Started(id, _) => {
                 log::info!(target: LOG, "started {}", self.g.path(id));
                 let mut cur = Some(id);
                 while let Some(n) = cur {
@@ -524,7 +534,7 @@ impl Runtime {
                 }
                 Ok(())
             }
-            Event::Exited(id, exit) => {
+            Event::Exited(id, _, exit) => {
                 let (outcome, cause) = match exit {
                     Exit::Panicked(m) => (Outcome::Panicked(m.clone()), format!("panicked: {m}")),
                     Exit::Failed(m) => (Outcome::Failed(m.clone()), m),
@@ -569,16 +579,18 @@ impl Runtime {
 
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Started(id) => {
+            Event::Started(id, gen) | Event::Exited(id, gen, _) | Event::Acked(id, gen, _)
+                if gen != self.st[id.index()].gen => {}
+            Event::Started(id, _) => {
                 log::info!(target: LOG, "started {}", self.g.path(id));
             }
-            Event::Acked(id, stats) => {
+            Event::Acked(id, _, stats) => {
                 if self.st[id.index()].status == Status::Told {
                     self.st[id.index()].drained = stats.drained;
                     self.steps.push(Step::Done(id, Outcome::Drained));
                 }
             }
-            Event::Exited(id, exit) => {
+            Event::Exited(id, _, exit) => {
                 let outcome = match exit {
                     Exit::Panicked(m) => {
                         log::error!(target: LOG, "{} panicked: {m}", self.g.path(id));
@@ -847,7 +859,7 @@ impl Runtime {
         match &node.worker {
             Some(worker) => match previous {
                 Status::Running => {
-                    if worker.tell(sd.order(deadline)) {
+                    if worker.tell(sd.order(deadline), true) {
                         log::info!(target: LOG, "{} draining", self.g.path(id));
                         sd.watch(deadline, node.parent.unwrap_or(ROOT));
                     } else {
@@ -1031,11 +1043,10 @@ impl Runtime {
         };
         ChildReport {
             path,
-            kind: if node.worker.is_some() {
-                ChildKind::Worker
-            } else {
-                ChildKind::Supervisor
-            },
+            kind: node
+                .worker
+                .as_ref()
+                .map_or(ChildKind::Supervisor, |w| w.kind()),
             outcome: match &s.status {
                 Status::Done(o) | Status::Exited(o) => o.clone(),
                 _ => Outcome::NotRunning,
@@ -1052,6 +1063,7 @@ impl Runtime {
             drained,
             dropped,
             restarts: 0,
+            last_failure: None,
             children,
         }
     }

@@ -14,7 +14,9 @@ use actix::prelude::*;
 
 use crate::addr::ChildAddr;
 use crate::mailbox::Mailbox;
-use crate::protocol::{EventTx, NodeId, Stopping};
+use crate::protocol::{EventTx, Gen, NodeId, Stopping};
+use crate::report::ChildKind;
+use crate::supervision::{Backoff, Intensity, Restart, Strategy, Supervision};
 use crate::worker::{spawn_instance, Worker};
 use crate::BoxError;
 
@@ -35,28 +37,54 @@ pub enum Placement {
 }
 
 /// The type-erased face of a worker, as the runtime drives it (implemented by its mailbox,
-/// which also holds its factory).
+/// which also holds its factory). The slot outlives instances: the runtime calls
+/// [`new_instance`](Self::new_instance) before every start.
 pub(crate) trait WorkerControl: Send + Sync {
-    /// Makes a fresh instance and runs it on the current thread's arbiter.
-    fn start(self: Arc<Self>, id: NodeId, events: EventTx) -> Result<(), String>;
-    /// Queues `Stopping`; false when the mailbox is already closed.
-    fn tell(&self, order: Arc<Stopping>) -> bool;
+    /// What kind of child this is, for the report.
+    fn kind(&self) -> ChildKind;
+    /// Whether its instances run on an arbiter (actors) rather than a thread of their own.
+    fn needs_arbiter(&self) -> bool;
+    /// Readies the slot for a new instance (gate open, earlier instances stale, drain state
+    /// clear; whatever is queued stays for the new instance) and returns its generation.
+    fn new_instance(&self) -> Gen;
+    /// Makes instance `gen` with the factory and runs it: on the current thread's arbiter, or
+    /// on a thread of its own. Errors are the factory's (or its panic's) message.
+    fn start(self: Arc<Self>, id: NodeId, gen: Gen, events: EventTx) -> Result<(), String>;
+    /// Queues `Stopping` behind everything accepted; when the drain ends the gate closes if
+    /// `close` (a shutdown), else it stays open for the next instance (a restart). False when
+    /// the mailbox is already closed.
+    fn tell(&self, order: Arc<Stopping>, close: bool) -> bool;
+    /// A drain already under way closes the gate when it ends (see [`tell`](Self::tell)).
+    fn close_when_drained(&self);
+    /// Ends the current instance at its next step, leaving the gate as it is.
     fn abort(&self);
     fn close(&self);
     /// (accepted, handled) over the child's life.
     fn counts(&self) -> (u64, u64);
     /// Messages handled since `Stopping` was queued (0 if never told).
     fn drained_since_told(&self) -> u64;
-    /// A `ChildAddr<A>`, boxed, for typed lookups.
+    /// The child's address (`ChildAddr<A>` or `BlockingAddr<W>`), boxed, for typed lookups.
     fn addr_any(self: Arc<Self>) -> Box<dyn Any + Send>;
 }
 
 impl<A: Worker> WorkerControl for Mailbox<A> {
-    fn start(self: Arc<Self>, id: NodeId, events: EventTx) -> Result<(), String> {
-        spawn_instance(self, id, events)
+    fn kind(&self) -> ChildKind {
+        ChildKind::Worker
     }
-    fn tell(&self, order: Arc<Stopping>) -> bool {
-        self.push_stop(order)
+    fn needs_arbiter(&self) -> bool {
+        true
+    }
+    fn new_instance(&self) -> Gen {
+        Mailbox::new_instance(self)
+    }
+    fn start(self: Arc<Self>, id: NodeId, gen: Gen, events: EventTx) -> Result<(), String> {
+        spawn_instance(self, id, gen, events)
+    }
+    fn tell(&self, order: Arc<Stopping>, close: bool) -> bool {
+        self.push_stop(order, close)
+    }
+    fn close_when_drained(&self) {
+        Mailbox::close_when_drained(self);
     }
     fn abort(&self) {
         self.request_abort();
@@ -65,10 +93,10 @@ impl<A: Worker> WorkerControl for Mailbox<A> {
         Mailbox::close(self);
     }
     fn counts(&self) -> (u64, u64) {
-        (self.accepted(), self.handled())
+        (self.accepted(), self.inst.handled())
     }
     fn drained_since_told(&self) -> u64 {
-        Mailbox::drained_since_told(self)
+        self.inst.drained_since_told()
     }
     fn addr_any(self: Arc<Self>) -> Box<dyn Any + Send> {
         Box::new(ChildAddr::new(self))
@@ -82,6 +110,7 @@ pub(crate) struct Common {
     pub(crate) budget: Option<Duration>,
     pub(crate) depends_on: Vec<String>,
     pub(crate) placement: Placement,
+    pub(crate) restart: Restart,
 }
 
 /// A child of a supervisor: a worker or a supervisor. Made from a [`WorkerSpec`] or a
@@ -93,18 +122,19 @@ pub struct ChildSpec {
 
 pub(crate) enum SpecKind {
     Worker(Arc<dyn WorkerControl>),
-    Supervisor(Vec<ChildSpec>),
+    Supervisor(Vec<ChildSpec>, Supervision),
 }
 
 impl fmt::Debug for ChildSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.kind {
-            SpecKind::Worker(_) => "worker",
-            SpecKind::Supervisor(_) => "supervisor",
+            SpecKind::Worker(w) => w.kind(),
+            SpecKind::Supervisor(..) => ChildKind::Supervisor,
         };
         f.debug_struct("ChildSpec")
             .field("name", &self.common.name)
             .field("kind", &kind)
+            .field("restart", &self.common.restart)
             .field("budget", &self.common.budget)
             .field("depends_on", &self.common.depends_on)
             .finish()
@@ -154,12 +184,21 @@ pub struct WorkerSpec<A: Worker> {
     mailbox: Arc<Mailbox<A>>,
 }
 
-/// Builder methods every spec kind has.
+/// Builder methods every spec kind has (and, with `placement`, those that run on arbiters).
 macro_rules! common_setters {
+    (placement) => {
+        common_setters!();
+
+        /// Where this child runs (default: its parent's arbiter).
+        pub fn placement(mut self, placement: $crate::Placement) -> Self {
+            self.common.placement = placement;
+            self
+        }
+    };
     () => {
         /// How long this child may take from `Stopping` to its acknowledgement (default 5 s for
         /// a worker; for a supervisor, unbounded except by its parent). Zero is rejected at build.
-        pub fn budget(mut self, budget: Duration) -> Self {
+        pub fn budget(mut self, budget: std::time::Duration) -> Self {
             self.common.budget = Some(budget);
             self
         }
@@ -172,16 +211,19 @@ macro_rules! common_setters {
             self
         }
 
-        /// Where this child runs (default: its parent's arbiter).
-        pub fn placement(mut self, placement: Placement) -> Self {
-            self.common.placement = placement;
+        /// When this child is started again after it ends while the tree runs (default
+        /// [`Restart::Permanent`](crate::Restart::Permanent): always).
+        pub fn restart(mut self, restart: $crate::Restart) -> Self {
+            self.common.restart = restart;
             self
         }
     };
 }
+#[allow(unused_imports)] // used by `blocking.rs`
+pub(crate) use common_setters;
 
 impl<A: Worker> WorkerSpec<A> {
-    common_setters!();
+    common_setters!(placement);
 
     /// Bounds the mailbox: `try_send` fails with `Full` and `send` waits while this many
     /// messages are waiting. `do_send` ignores the bound, as in actix. Default: unbounded.
@@ -212,6 +254,7 @@ impl<A: Worker> From<WorkerSpec<A>> for ChildSpec {
 pub struct SupervisorSpec {
     common: Common,
     children: Vec<ChildSpec>,
+    supervision: Supervision,
 }
 
 impl SupervisorSpec {
@@ -223,10 +266,36 @@ impl SupervisorSpec {
                 ..Common::default()
             },
             children: Vec::new(),
+            supervision: Supervision::default(),
         }
     }
 
-    common_setters!();
+    common_setters!(placement);
+
+    /// Which siblings are restarted with a child that ended (default
+    /// [`Strategy::OneForOne`]).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.supervision.strategy = strategy;
+        self
+    }
+
+    /// At most `max_restarts` restarts within `window`; one more and this supervisor gives up:
+    /// it drains its children and ends as failed, for its parent to handle (default 3 in 5 s).
+    pub fn intensity(mut self, max_restarts: u32, window: Duration) -> Self {
+        self.supervision.intensity = Intensity {
+            max_restarts,
+            window,
+        };
+        self
+    }
+
+    /// Waits between stopping children and starting them again, exponentially longer for each
+    /// restart inside the intensity window, with jitter, always within `[min, max]` (see
+    /// [`Backoff`]). Default: no wait.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.supervision.backoff = Some(Backoff { min, max });
+        self
+    }
 
     /// Appends a child.
     pub fn child(mut self, child: impl Into<ChildSpec>) -> Self {
@@ -249,7 +318,7 @@ impl From<SupervisorSpec> for ChildSpec {
     fn from(s: SupervisorSpec) -> Self {
         ChildSpec {
             common: s.common,
-            kind: SpecKind::Supervisor(s.children),
+            kind: SpecKind::Supervisor(s.children, s.supervision),
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::graph::Graph;
 use crate::report::ShutdownReport;
 use crate::runtime::{Config, Runtime, Shared};
 use crate::spec::ChildSpec;
+use crate::supervision::{Backoff, Intensity, Strategy, Supervision};
 use crate::worker::Worker;
 
 pub use crate::runtime::Phase;
@@ -38,6 +39,7 @@ pub use crate::runtime::Phase;
 pub struct TreeBuilder {
     name: String,
     children: Vec<ChildSpec>,
+    root: Supervision,
     cfg: Config,
 }
 
@@ -99,6 +101,30 @@ impl TreeBuilder {
         self
     }
 
+    /// How the root restarts its children: which siblings go with a child that ended (default
+    /// [`Strategy::OneForOne`]). See [`SupervisorSpec::strategy`](crate::SupervisorSpec::strategy).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.root.strategy = strategy;
+        self
+    }
+
+    /// The root's restart intensity: at most `max_restarts` within `window` (default 3 in 5 s).
+    /// One more and the root gives up: the tree shuts down with that reason, and the report
+    /// (and the exit code) say it failed.
+    pub fn intensity(mut self, max_restarts: u32, window: Duration) -> Self {
+        self.root.intensity = Intensity {
+            max_restarts,
+            window,
+        };
+        self
+    }
+
+    /// The root's restart backoff (see [`SupervisorSpec::backoff`](crate::SupervisorSpec::backoff)).
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.root.backoff = Some(Backoff { min, max });
+        self
+    }
+
     /// Declares a pool of `arbiters` arbiters (threads) the tree creates, for children placed
     /// with [`Placement::Pool`](crate::Placement::Pool).
     pub fn pool(mut self, name: impl Into<String>, arbiters: usize) -> Self {
@@ -123,7 +149,7 @@ impl TreeBuilder {
         if let Some((name, _)) = self.cfg.pools.iter().find(|(_, n)| **n == 0) {
             return Err(BuildError::EmptyPool(name.clone()));
         }
-        let graph = Graph::build(&self.name, self.children, &self.cfg.pools)?;
+        let graph = Graph::build(&self.name, self.children, self.root, &self.cfg.pools)?;
         Ok(Tree {
             name: self.name,
             graph,
@@ -154,6 +180,7 @@ impl Tree {
         TreeBuilder {
             name: name.into(),
             children: Vec::new(),
+            root: Supervision::default(),
             cfg: Config {
                 deadline: Duration::from_secs(30),
                 grace: Duration::ZERO,

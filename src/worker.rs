@@ -28,7 +28,7 @@ use actix::prelude::*;
 use parking_lot::Mutex;
 
 use crate::mailbox::{Envelope, Fetched, Mailbox};
-use crate::protocol::{panic_message, DrainStats, Event, EventTx, Exit, NodeId, Stopping};
+use crate::protocol::{panic_message, DrainStats, Event, EventTx, Exit, Gen, NodeId, Stopping};
 
 const LOG: &str = "actix_supervisor::worker";
 
@@ -187,6 +187,7 @@ pub(crate) struct Pump<A: Worker> {
     /// keeps the pump — allocated once per worker — small.
     hook: Option<HookFuture<A>>,
     id: NodeId,
+    gen: Gen,
     events: EventTx,
 }
 
@@ -206,6 +207,12 @@ impl<A: Worker> Pump<A> {
                 // `ctx.wait` or a stop is in progress: the context polls us again after it.
                 return Poll::Pending;
             }
+            if !self.mailbox.inst.is_current(self.gen) {
+                // Aborted while handling this batch (from another thread): stop here; the cell
+                // ends the task at its next poll and the rest of the batch goes back.
+                task.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             if *handled >= BATCH_LIMIT {
                 // Let the other tasks on this arbiter run; continue right after them.
                 task.waker().wake_by_ref();
@@ -215,7 +222,7 @@ impl<A: Worker> Pump<A> {
                 None => return Poll::Ready(()),
                 Some(Envelope::Message(job)) => {
                     job.run(act, ctx);
-                    self.mailbox.add_handled(1);
+                    self.mailbox.inst.add_handled(1);
                     *handled += 1;
                 }
                 Some(Envelope::Stop) => {
@@ -230,7 +237,7 @@ impl<A: Worker> Pump<A> {
     fn begin_drain(&mut self, act: &mut A, ctx: &mut Context<A>, order: &Stopping) {
         if self.phase != Phase::Draining {
             self.phase = Phase::Draining;
-            self.mailbox.mark_draining();
+            self.mailbox.inst.mark_draining();
             act.on_stopping(ctx, order);
         }
     }
@@ -248,7 +255,7 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
         let this = &mut *self;
         if let Phase::Starting = this.phase {
             // First poll: `started` ran and any `ctx.wait` it set up has finished.
-            let _ = this.events.send(Event::Started(this.id));
+            let _ = this.events.send(Event::Started(this.id, this.gen));
             this.phase = Phase::Running;
         }
         let mut handled = 0;
@@ -266,7 +273,7 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
                     match this.mailbox.fetch(&mut this.batch, task.waker(), may_close) {
                         Fetched::Messages => {}
                         Fetched::Stop(order) => this.begin_drain(act, ctx, &order),
-                        Fetched::Closed => {
+                        Fetched::Drained => {
                             this.hook = act.on_drained(ctx);
                             this.phase = Phase::Flushing;
                         }
@@ -280,10 +287,10 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
                         }
                     }
                     let stats = DrainStats {
-                        drained: this.mailbox.drained_since_told(),
+                        drained: this.mailbox.inst.drained_since_told(),
                     };
-                    this.mailbox.mark_acked();
-                    let _ = this.events.send(Event::Acked(this.id, stats));
+                    this.mailbox.inst.mark_acked();
+                    let _ = this.events.send(Event::Acked(this.id, this.gen, stats));
                     this.phase = Phase::Done;
                     ctx.stop();
                     return Poll::Ready(());
@@ -310,6 +317,7 @@ struct Cell<A: Worker> {
     registered: Option<Waker>,
     mailbox: Arc<Mailbox<A>>,
     id: NodeId,
+    gen: Gen,
     events: EventTx,
 }
 
@@ -321,8 +329,8 @@ impl<A: Worker> Future for Cell<A> {
         let Some(fut) = this.fut.as_mut() else {
             return Poll::Ready(());
         };
-        if this.mailbox.abort_requested() {
-            log::debug!(target: LOG, "{:?} aborted", this.id);
+        if !this.mailbox.inst.is_current(this.gen) {
+            log::debug!(target: LOG, "{:?} instance {} aborted", this.id, this.gen);
             this.drop_instance();
             return Poll::Ready(());
         }
@@ -340,11 +348,14 @@ impl<A: Worker> Future for Cell<A> {
             }
             Ok(Poll::Ready(())) => {
                 this.fut = None;
-                if !this.mailbox.is_acked() {
-                    let draining = this.mailbox.is_draining();
-                    let _ = this
-                        .events
-                        .send(Event::Exited(this.id, Exit::Stopped { draining }));
+                let inst = &this.mailbox.inst;
+                if !inst.is_acked() && inst.is_current(this.gen) {
+                    let draining = inst.is_draining();
+                    let _ = this.events.send(Event::Exited(
+                        this.id,
+                        this.gen,
+                        Exit::Stopped { draining },
+                    ));
                 }
                 Poll::Ready(())
             }
@@ -353,7 +364,7 @@ impl<A: Worker> Future for Cell<A> {
                 this.drop_instance();
                 let _ = this
                     .events
-                    .send(Event::Exited(this.id, Exit::Panicked(msg)));
+                    .send(Event::Exited(this.id, this.gen, Exit::Panicked(msg)));
                 Poll::Ready(())
             }
         }
@@ -370,11 +381,12 @@ impl<A: Worker> Cell<A> {
     }
 }
 
-/// Creates an instance with `factory` and runs it on the current thread's arbiter.
+/// Creates instance `gen` with the mailbox's factory and runs it on the current thread's arbiter.
 /// Returns the factory's error, if any; a panic in the factory is returned as an error too.
 pub(crate) fn spawn_instance<A: Worker>(
     mailbox: Arc<Mailbox<A>>,
     id: NodeId,
+    gen: Gen,
     events: EventTx,
 ) -> Result<(), String> {
     let act = match catch_unwind(AssertUnwindSafe(&*mailbox.factory)) {
@@ -389,6 +401,7 @@ pub(crate) fn spawn_instance<A: Worker>(
         phase: Phase::Starting,
         hook: None,
         id,
+        gen,
         events: events.clone(),
     });
     let cell = Cell {
@@ -396,6 +409,7 @@ pub(crate) fn spawn_instance<A: Worker>(
         registered: None,
         mailbox,
         id,
+        gen,
         events,
     };
     actix_rt::spawn(cell);
