@@ -347,6 +347,19 @@ fn entry<'a>(report: &'a ShutdownReport, path: &str) -> &'a ChildReport {
         .unwrap_or_else(|| panic!("{path} in the report:\n{report}"))
 }
 
+/// Polls a future once: its output if it is ready at once. (A `send` is pushed to the mailbox
+/// at its first poll.)
+async fn poll_once<F: std::future::Future + Unpin>(fut: F) -> Option<F::Output> {
+    let mut fut = fut;
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut fut).poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
 async fn ping(addr: &ChildAddr<Sub>) -> u32 {
     actix_rt::time::timeout(LONG, addr.send(Ping))
         .await
@@ -925,6 +938,146 @@ async fn restarts_spread_wider_than_the_window_never_exhaust_the_intensity() {
     assert_eq!(report.outcome, TreeOutcome::Clean, "{report}");
 }
 
+#[actix::test]
+async fn a_one_for_all_restart_counts_once_against_the_intensity() {
+    init_log();
+    let rec = Rec::default();
+    let kids = ["a", "b", "c"].map(|n| plain(n, &format!("s/{n}"), &rec));
+    let addrs = kids.each_ref().map(|k| k.addr.clone());
+    let [a, b, c] = kids;
+    let handle = Tree::builder("counts-once")
+        .child(
+            SupervisorSpec::new("s")
+                .strategy(Strategy::OneForAll)
+                .intensity(1, Duration::from_secs(10))
+                .child(a.spec)
+                .child(b.spec)
+                .child(c.spec),
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    // One failure restarts three children: one restart decision, within the 1 allowed.
+    addrs[0].do_send(Boom).unwrap();
+    for n in ["a", "b", "c"] {
+        rec.expect(E::Started(format!("s/{n}"), 2)).await;
+    }
+    actix_rt::time::sleep(SETTLE).await;
+    for addr in &addrs {
+        assert_eq!(ping(addr).await, 2, "{:?}", rec.events());
+    }
+    // A second one is one more than allowed: s gives up and the root restarts it.
+    addrs[1].do_send(Boom).unwrap();
+    for n in ["a", "b", "c"] {
+        rec.expect(E::Started(format!("s/{n}"), 3)).await;
+    }
+    let report = handle.shutdown("test").await;
+    assert_eq!(entry(&report, "s").restarts, 1, "{report}");
+    for n in ["a", "b", "c"] {
+        assert_eq!(entry(&report, &format!("s/{n}")).restarts, 2, "{report}");
+    }
+}
+
+#[actix::test]
+async fn a_supervisor_giving_up_counts_against_its_parents_intensity() {
+    init_log();
+    let rec = Rec::default();
+    // s gives up at its first failure; the root allows one restart of it.
+    let w = plain("w", "s/w", &rec);
+    let x = plain("x", "x", &rec);
+    let wa = w.addr.clone();
+    let handle = Tree::builder("escalates-twice")
+        .intensity(1, Duration::from_secs(10))
+        .child(
+            SupervisorSpec::new("s")
+                .intensity(0, Duration::from_secs(10))
+                .child(w.spec),
+        )
+        .child(x.spec)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wa.do_send(Boom).unwrap();
+    rec.expect(E::Started("s/w".into(), 2)).await;
+    assert_eq!(handle.phase(), Phase::Running, "the root restarted s");
+    wa.do_send(Boom).unwrap();
+    let report = ended_by_itself(&handle).await;
+    assert!(
+        report.reason.to_lowercase().contains("intensity"),
+        "{report}"
+    );
+    assert_eq!(report.outcome, TreeOutcome::Failed);
+    assert_eq!(report.exit_code(), EXIT_FAILED);
+    let s = entry(&report, "s");
+    assert!(matches!(s.outcome, Outcome::Failed(_)), "{report}");
+    assert_eq!(s.restarts, 1, "{report}");
+    assert_eq!(entry(&report, "x").outcome, Outcome::Drained);
+    assert!(!rec.has(&E::Started("s/w".into(), 3)));
+}
+
+#[actix::test]
+async fn a_shutdown_during_a_backoff_restarts_nothing_and_counts_what_waited() {
+    init_log();
+    let rec = Rec::default();
+    let w = plain("w", "s/w", &rec);
+    let x = plain("x", "s/x", &rec);
+    let (wa, xa) = (w.addr.clone(), x.addr.clone());
+    let handle = Tree::builder("backoff-then-shutdown")
+        .child(
+            SupervisorSpec::new("s")
+                .strategy(Strategy::OneForAll)
+                .backoff(Duration::from_secs(3), Duration::from_secs(3))
+                .child(w.spec)
+                .child(x.spec),
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    wa.do_send(Boom).unwrap();
+    // x is stopped for the restart; then the backoff keeps both down for 3 s.
+    rec.expect(E::Drained("s/x".into(), 1)).await;
+    // Sent while w is down: accepted, waiting for an instance that will never come.
+    for n in 1..=3 {
+        wa.do_send(Num(n)).unwrap();
+    }
+    let mut waiting = std::pin::pin!(wa.send(Num(4)));
+    assert!(
+        poll_once(waiting.as_mut()).await.is_none(),
+        "accepted, waiting for the new instance"
+    );
+    let report = handle.shutdown("test").await;
+    assert!(
+        !rec.events()
+            .iter()
+            .any(|e| matches!(e, E::Started(_, n) if *n > 1)),
+        "nothing restarts once the tree drains: {:?}",
+        rec.events()
+    );
+    let wr = entry(&report, "s/w");
+    assert_eq!(
+        wr.outcome,
+        Outcome::Panicked("s/w boom 1".into()),
+        "{report}"
+    );
+    assert_eq!(wr.restarts, 0, "{report}");
+    assert_eq!(
+        wr.dropped, 5,
+        "the Boom and the four messages that waited for a new instance: {report}"
+    );
+    let xr = entry(&report, "s/x");
+    assert_eq!(xr.restarts, 0, "{report}");
+    assert!(!xr.outcome.is_failure(), "{report}");
+    for addr in [&wa, &xa] {
+        assert!(matches!(addr.do_send(Ping), Err(SendError::Closed(Ping))));
+    }
+}
+
 // ----- 3. backoff -------------------------------------------------------------------------------
 
 #[actix::test]
@@ -1106,14 +1259,17 @@ async fn panics_in_stop_hooks_during_a_restart_are_recorded_and_the_restart_happ
         entry(&report, "s/a").last_failure.as_deref(),
         Some("panicked: s/a boom 1")
     );
+    // Their panics while being stopped for the restart are failures of their own: the report
+    // keeps them (b's and c's own ends, not a's).
     assert_eq!(
-        entry(&report, "s/b").last_failure.as_deref(),
-        Some("panicked: s/b panics in on_stopping (instance 1)"),
-        "{report}"
-    );
-    assert_eq!(
-        entry(&report, "s/c").last_failure.as_deref(),
-        Some("panicked: s/c panics in on_drained (instance 1)"),
+        [
+            entry(&report, "s/b").last_failure.as_deref(),
+            entry(&report, "s/c").last_failure.as_deref(),
+        ],
+        [
+            Some("panicked: s/b panics in on_stopping (instance 1)"),
+            Some("panicked: s/c panics in on_drained (instance 1)"),
+        ],
         "{report}"
     );
 }
