@@ -424,10 +424,7 @@ impl<W: BlockingWorker> Instance<W> {
             }
         };
         log::info!(target: LOG, "{name}: instance {} running on its own thread", self.gen);
-        let end = match self.serve(&mut worker) {
-            Ok(()) => None,
-            Err(end) => Some(end),
-        };
+        let end = self.serve(&mut worker).err();
         // The worker's own drop may panic too; it must not take the thread's report with it.
         let dropped = catch_unwind(AssertUnwindSafe(move || drop(worker)));
         match end {
