@@ -477,3 +477,114 @@ async fn an_actor_that_depends_on_a_blocking_worker_stops_first() {
     );
     assert_eq!(store.outcome, Outcome::Drained);
 }
+
+#[actix::test]
+async fn a_failing_factory_or_started_stops_the_start_with_the_childs_name() {
+    init_log();
+    let err = Tree::builder("fails")
+        .child(ChildSpec::try_blocking(
+            "journal",
+            || -> Result<Acc, BoxError> { Err("no disk".into()) },
+        ))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(err.child, "journal");
+    assert_eq!(err.cause, "no disk");
+
+    let err = Tree::builder("panics")
+        .child(ChildSpec::blocking("journal", || -> Acc {
+            panic!("no disk either")
+        }))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(err.child, "journal");
+    assert!(err.cause.contains("no disk either"), "{}", err.cause);
+
+    struct Grumpy;
+    impl BlockingWorker for Grumpy {
+        type Message = ();
+        type Reply = ();
+        fn started(&mut self) {
+            panic!("will not start");
+        }
+        fn handle(&mut self, _: ()) {}
+    }
+    let log = Log::default();
+    let err = Tree::builder("grumpy")
+        .child(simple("first", &log))
+        .child(ChildSpec::blocking("grumpy", || Grumpy))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err();
+    assert_eq!(err.child, "grumpy");
+    assert!(err.cause.contains("will not start"), "{}", err.cause);
+    assert_eq!(
+        err.report.find("first").unwrap().outcome,
+        Outcome::Drained,
+        "what had started is shut down"
+    );
+}
+
+#[actix::test]
+async fn every_send_racing_the_close_is_either_handled_or_refused() {
+    init_log();
+    let ctl = Ctl::new("raced");
+    let spec = acc(&ctl);
+    let addr = spec.addr();
+    let handle = Tree::builder("race")
+        .child(spec)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let (warm_tx, warm_rx) = std::sync::mpsc::channel();
+    let senders: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = addr.clone();
+            let warm = warm_tx.clone();
+            std::thread::spawn(move || {
+                let mut accepted = 0u64;
+                loop {
+                    match addr.do_send(Msg::Add(1)) {
+                        Ok(()) => accepted += 1,
+                        Err(SendError::Closed(Msg::Add(1))) => return accepted,
+                        Err(_) => panic!("refused with another message"),
+                    }
+                    if accepted == 2_000 {
+                        let _ = warm.send(());
+                    }
+                    // Slower than the worker, or the drain (which handles what arrives while
+                    // it drains) would never end.
+                    if accepted.is_multiple_of(64) {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            })
+        })
+        .collect();
+    for _ in 0..4 {
+        warm_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("every sender is sending");
+    }
+    let report = within(handle.shutdown("test")).await;
+    let accepted: u64 = senders.into_iter().map(|s| s.join().unwrap()).sum();
+    let handled = ctl
+        .events()
+        .iter()
+        .filter(|e| matches!(e, E::Handled(..)))
+        .count() as u64;
+    assert_eq!(handled, accepted, "every accepted message was handled");
+    let raced = report.find("raced").unwrap();
+    assert_eq!(raced.outcome, Outcome::Drained);
+    assert_eq!(raced.dropped, 0);
+}
