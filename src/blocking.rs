@@ -62,8 +62,12 @@ const CLOSED: u64 = 1 << 63;
 /// (a handler that blocks too long), the tree records it as timed out, counts what it had not
 /// handled as dropped, and goes on without it: the thread is detached, and ends at its next step
 /// (when the handler returns) without handling anything more. A panic in the factory, a hook or a
-/// handler is caught and reported; the message whose handler panicked is lost (a
-/// [`send`](BlockingAddr::send) waiting for it gets [`MailboxError::Closed`]).
+/// handler is caught and reported as the end of that instance: while the tree runs, the child
+/// is restarted by its [restart policy](crate::Restart) with a fresh instance from the factory,
+/// on a new thread, and the messages queued behind the failing one wait for it; while the tree
+/// drains, the report records the panic. The message whose handler panicked is lost (a
+/// [`send`](BlockingAddr::send) waiting for it gets [`MailboxError::Closed`]) and counted as
+/// dropped.
 ///
 /// ```
 /// use std::io::Write;
@@ -620,6 +624,12 @@ impl<W: BlockingWorker> BlockingAddr<W> {
 
 /// The spec of one blocking worker. Made with [`ChildSpec::blocking`] or
 /// [`ChildSpec::try_blocking`]; it has no placement, since it runs on a thread of its own.
+///
+/// Its [budget](Self::budget) bounds the drain like any child's, with one difference: a thread
+/// cannot be cancelled, so a handler still running at the deadline is not interrupted. The child
+/// is reported [`TimedOut`](crate::Outcome::TimedOut), what it had not handled is counted as
+/// dropped, and its thread is detached: it ends when the handler returns, without handling
+/// anything more.
 pub struct BlockingSpec<W: BlockingWorker> {
     common: Common,
     mailbox: Arc<BlockingMailbox<W>>,
