@@ -264,8 +264,9 @@ fn write_child(
     if c.restarts > 0 {
         write!(f, " restarts={}", c.restarts)?;
     }
-    match &c.outcome {
-        Outcome::Panicked(m) | Outcome::Failed(m) => writeln!(f, "  {m}")?,
+    match (&c.outcome, &c.last_failure) {
+        (Outcome::Panicked(m) | Outcome::Failed(m), _) => writeln!(f, "  {m}")?,
+        (_, Some(last)) => writeln!(f, "  (last failure: {last})")?,
         _ => writeln!(f)?,
     }
     // Big supervisors: list the first few and every unclean child; summarise the rest.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_supervisor::{
-    BuildError, ChildKind, ChildReport, ChildSpec, HookFuture, Outcome, Phase, Placement,
+    BuildError, ChildKind, ChildReport, ChildSpec, HookFuture, Outcome, Phase, Placement, Restart,
     ShutdownReport, Stopping, SupervisorSpec, Tree, TreeOutcome, Worker,
 };
 use proptest::prelude::*;
@@ -659,6 +659,10 @@ async fn drive(plan: &Plan, shared: Arc<Shared>) -> Result<Run, TestCaseError> {
         }
         if node.w.pool {
             w = w.placement(Placement::Pool("p".into()));
+        }
+        if node.fault.before_shutdown() {
+            // This test is about the shutdown: a child that ends before it stays down.
+            w = w.restart(Restart::Temporary);
         }
         specs[i] = Some(w.addr());
         w.into()

@@ -689,9 +689,11 @@ impl Handler<Quit> for Quitter {
 async fn a_worker_that_stops_itself_is_not_running_or_failed_if_it_abandons_its_drain() {
     init_log();
     let log = Log::default();
+    // Transient: a normal stop (`ctx.stop()`) is not restarted.
     let early = ChildSpec::worker("early", || Quitter {
         quit_when_told: false,
-    });
+    })
+    .restart(Restart::Transient);
     let early_addr = early.addr();
     let handle = Tree::builder("quitters")
         .child(early)
