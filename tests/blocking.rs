@@ -588,3 +588,129 @@ async fn every_send_racing_the_close_is_either_handled_or_refused() {
     assert_eq!(raced.outcome, Outcome::Drained);
     assert_eq!(raced.dropped, 0);
 }
+
+#[actix::test]
+async fn a_panic_while_running_restarts_it_on_a_new_thread_and_loses_only_that_message() {
+    init_log();
+    let ctl = Ctl::new("worker");
+    let spec = acc(&ctl);
+    let addr = spec.addr();
+    let handle = Tree::builder("restart")
+        .child(spec)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    // The first instance is held in a block, so the failing message and those behind it queue.
+    let release = block(&addr).await;
+    let mut doomed = Box::pin(addr.send(Msg::Panic("bad record")));
+    poll_once(&mut doomed);
+    for n in 1..=10 {
+        addr.do_send(Msg::Add(n))
+            .unwrap_or_else(|_| panic!("accepted"));
+    }
+    release.send(()).unwrap();
+    assert!(
+        matches!(within(doomed).await, Err(MailboxError::Closed)),
+        "the message whose handler panicked is lost, and its sender told so"
+    );
+    // Handled by the new instance, behind the ten that waited for it.
+    assert_eq!(within(addr.send(Msg::Add(100))).await.unwrap(), 155);
+
+    let mut expected = vec![E::Started(1), E::Started(2)];
+    expected.extend((1..=10).map(|n| E::Handled(2, n)));
+    expected.push(E::Handled(2, 100));
+    assert_eq!(ctl.events(), expected);
+    let places = ctl.places.lock().clone();
+    assert_eq!(
+        places.iter().map(|p| p.what).collect::<Vec<_>>(),
+        ["factory", "started", "factory", "started"]
+    );
+    assert_ne!(
+        places[0].thread, places[2].thread,
+        "the new instance has a new thread"
+    );
+    assert_eq!(places[2].thread, places[3].thread);
+    assert_eq!(places[2].name.as_deref(), Some("worker"));
+
+    let report = handle.shutdown("test").await;
+    let entry = report.find("worker").unwrap();
+    assert_eq!(entry.outcome, Outcome::Drained, "{report}");
+    assert_eq!(entry.restarts, 1, "{report}");
+    assert_eq!(entry.dropped, 1, "only the failing message: {report}");
+    let failure = entry.last_failure.as_deref().unwrap_or_default();
+    assert!(failure.contains("bad record"), "{failure}");
+}
+
+#[actix::test]
+async fn a_handler_stuck_during_a_one_for_all_restart_is_aborted_and_restarted() {
+    init_log();
+    let mut stuck_ctl = Ctl::new("stuck");
+    let mut gone = stuck_ctl.watch_drops();
+    let budget = Duration::from_millis(300);
+    let stuck = acc(&stuck_ctl).budget(budget);
+    let stuck_addr = stuck.addr();
+    let crashy_ctl = Ctl::new("crashy");
+    let crashy = acc(&crashy_ctl);
+    let crashy_addr = crashy.addr();
+    let handle = Tree::builder("one-for-all")
+        .strategy(Strategy::OneForAll)
+        .child(stuck)
+        .child(crashy)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let release = block(&stuck_addr).await;
+    for n in 1..=3 {
+        stuck_addr
+            .do_send(Msg::Add(n))
+            .unwrap_or_else(|_| panic!("accepted"));
+    }
+    let t0 = Instant::now();
+    crashy_addr
+        .do_send(Msg::Panic("crash"))
+        .unwrap_or_else(|_| panic!("accepted"));
+    // The restart stops `stuck` too; it cannot drain inside its block, so it is aborted at its
+    // budget and started again; the new instance takes what waited behind the block.
+    assert_eq!(within(stuck_addr.send(Msg::Add(10))).await.unwrap(), 16);
+    let took = t0.elapsed();
+    assert!(
+        took >= budget - Duration::from_millis(10) && took < budget + Duration::from_secs(3),
+        "the restart waited for the budget, no longer: {took:?}"
+    );
+    assert_eq!(within(crashy_addr.send(Msg::Add(1))).await.unwrap(), 1);
+
+    // The detached first thread ends when its handler returns, having handled nothing more.
+    release.send(()).unwrap();
+    assert_eq!(within(gone.recv()).await, Some(1));
+    assert_eq!(
+        stuck_ctl.events(),
+        vec![
+            E::Started(1),
+            E::Started(2),
+            E::Handled(2, 1),
+            E::Handled(2, 2),
+            E::Handled(2, 3),
+            E::Handled(2, 10)
+        ]
+    );
+
+    let report = handle.shutdown("test").await;
+    let s = report.find("stuck").unwrap();
+    assert_eq!(s.outcome, Outcome::Drained, "{report}");
+    assert_eq!(s.restarts, 1, "{report}");
+    assert_eq!(
+        s.dropped, 1,
+        "the message its aborted instance held: {report}"
+    );
+    let c = report.find("crashy").unwrap();
+    assert_eq!(c.restarts, 1, "{report}");
+    assert!(c
+        .last_failure
+        .as_deref()
+        .unwrap_or_default()
+        .contains("crash"));
+}
