@@ -43,6 +43,7 @@
 #![warn(missing_docs)]
 
 mod addr;
+mod blocking;
 mod error;
 mod graph;
 mod instance;
@@ -57,6 +58,7 @@ mod tree;
 mod worker;
 
 pub use addr::ChildAddr;
+pub use blocking::{BlockingAddr, BlockingSpec, BlockingWorker};
 pub use error::{BoxError, BuildError, StartError};
 pub use protocol::{DrainStats, Outcome, Stopping};
 pub use report::{
