@@ -1,5 +1,5 @@
-//! Supervision trees for [actix](https://docs.rs/actix) actors: start in order, shut down
-//! gracefully, report what happened.
+//! Supervision trees for [actix](https://docs.rs/actix) actors: start in order, restart what
+//! fails, shut down gracefully, report what happened.
 //!
 //! A [`Tree`] holds supervisors and workers. Workers are plain actix actors (`Context<Self>`)
 //! that implement [`Worker`], whose two hooks are optional. On shutdown — a signal, or
@@ -8,6 +8,12 @@
 //! and acknowledges. Dependents stop before their dependencies, supervisors after their
 //! children, each within its budget — and a [`ShutdownReport`] says who drained, who timed out,
 //! who panicked, and what was dropped.
+//!
+//! While the tree runs, a child that panics (in a handler, a hook or `started`) or stops is
+//! handled by its [`Restart`] policy and its supervisor's [`Strategy`], within an intensity
+//! (more than N restarts in T and the supervisor gives up, for its parent to decide) and an
+//! optional backoff. A restarted worker keeps its address and its mailbox. Work that blocks runs
+//! in a [`BlockingWorker`], on a thread of its own, under the same rules.
 //!
 //! ```no_run
 //! use actix::prelude::*;
@@ -43,6 +49,7 @@
 #![warn(missing_docs)]
 
 mod addr;
+mod blocking;
 mod error;
 mod graph;
 mod instance;
@@ -57,6 +64,7 @@ mod tree;
 mod worker;
 
 pub use addr::ChildAddr;
+pub use blocking::{BlockingAddr, BlockingSpec, BlockingWorker};
 pub use error::{BoxError, BuildError, StartError};
 pub use protocol::{DrainStats, Outcome, Stopping};
 pub use report::{

@@ -172,8 +172,13 @@ impl ShutdownReport {
                 Outcome::NotRunning => 4,
             }] += 1;
         }
+        let restarts: u64 = self
+            .iter()
+            .filter(|c| c.kind != ChildKind::Supervisor)
+            .map(|c| u64::from(c.restarts))
+            .sum();
         format!(
-            "shutdown of `{}` {:?} in {}: {} drained, {} timed out, {} panicked, {} failed, {} not running; {} messages dropped",
+            "shutdown of `{}` {:?} in {}: {} drained, {} timed out, {} panicked, {} failed, {} not running; {} messages dropped; {restarts} worker restarts",
             self.tree,
             self.outcome,
             fmt_duration(self.total),

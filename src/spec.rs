@@ -219,7 +219,6 @@ macro_rules! common_setters {
         }
     };
 }
-#[allow(unused_imports)] // used by `blocking.rs`
 pub(crate) use common_setters;
 
 impl<A: Worker> WorkerSpec<A> {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::addr::ChildAddr;
+use crate::blocking::{BlockingAddr, BlockingWorker};
 use crate::error::{BuildError, StartError};
 use crate::graph::Graph;
 use crate::report::ShutdownReport;
@@ -321,6 +322,14 @@ impl TreeHandle {
         let graph = &self.shared.graph;
         let any = graph.node(graph.find(path)?).worker.clone()?.addr_any();
         any.downcast::<ChildAddr<A>>().ok().map(|b| *b)
+    }
+
+    /// The stable address of the [blocking worker](BlockingWorker) at `path`, if there is a
+    /// blocking worker of type `W` there.
+    pub fn blocking_addr<W: BlockingWorker>(&self, path: &str) -> Option<BlockingAddr<W>> {
+        let graph = &self.shared.graph;
+        let any = graph.node(graph.find(path)?).worker.clone()?.addr_any();
+        any.downcast::<BlockingAddr<W>>().ok().map(|b| *b)
     }
 
     /// The tree's name.

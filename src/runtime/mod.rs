@@ -271,8 +271,11 @@ impl Runtime {
     fn on_event(&mut self, event: Event) {
         let (Event::Started(id, gen) | Event::Acked(id, gen, _) | Event::Exited(id, gen, _)) =
             event;
-        if gen != self.st[id.index()].gen {
-            return; // from an instance that was aborted or replaced
+        let status = &self.st[id.index()].status;
+        if gen != self.st[id.index()].gen || *status == Status::NotStarted {
+            // From an instance that was aborted or replaced (a node waiting for its next
+            // instance has none: whatever it hears is from the last one).
+            return;
         }
         match event {
             Event::Started(id, _) => {
@@ -294,7 +297,7 @@ impl Runtime {
                 let outcome = self.exit_outcome(id, exit, unconfirmed);
                 match self.st[id.index()].status {
                     Status::Told => self.steps.push(Step::Done(id, outcome)),
-                    Status::Running | Status::NotStarted => {
+                    Status::Running => {
                         if unconfirmed && self.is_initial_start(id) {
                             self.fail_start(id, outcome);
                         } else {

@@ -289,8 +289,9 @@ impl Runtime {
         let mut workers = Vec::new();
         for &r in &roots {
             if self.g.node(r).restart == Restart::Temporary {
+                // Stopped with its siblings and not started again: not running.
                 let outcome = match &self.st[r.index()].status {
-                    Status::Done(o) | Status::Exited(o) => o.clone(),
+                    Status::Done(o) | Status::Exited(o) if o.is_failure() => o.clone(),
                     _ => Outcome::NotRunning,
                 };
                 self.st[r.index()].status = Status::Exited(outcome);

@@ -8,7 +8,7 @@
 //! the shutdown closes them.
 
 use std::cmp::Reverse;
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -189,14 +189,6 @@ impl Runtime {
         false
     }
 
-    /// Makes sure the timer wakes at `deadline` to check `parent`'s children.
-    fn watch(&mut self, deadline: Instant, parent: NodeId) {
-        if self.last_deadline != Some((deadline, parent)) {
-            self.last_deadline = Some((deadline, parent));
-            self.deadlines.push(Reverse((deadline, parent)));
-        }
-    }
-
     /// Aborts the told children whose deadline has passed.
     pub(super) fn abort_late(&mut self, now: Instant) {
         let mut expired = Vec::new();
@@ -249,8 +241,7 @@ impl Runtime {
         if self.st[id.index()].is_told_or_done() {
             return;
         }
-        let g = Arc::clone(&self.g);
-        let node = g.node(id);
+        let node = self.g.node(id);
         let parent_told = node
             .parent
             .filter(|p| self.st[p.index()].status == Status::Told);
@@ -291,7 +282,12 @@ impl Runtime {
                         } else {
                             log::info!(target: LOG, "{} draining for a restart", self.g.path(id));
                         }
-                        self.watch(deadline, watch_key);
+                        watch(
+                            &mut self.deadlines,
+                            &mut self.last_deadline,
+                            deadline,
+                            watch_key,
+                        );
                     } else {
                         self.steps.push(Step::Done(id, Outcome::NotRunning));
                     }
@@ -310,7 +306,7 @@ impl Runtime {
                 }
                 if let Some(d) = deadline {
                     if parent_deadline.is_none_or(|p| d < p) {
-                        self.watch(d, watch_key);
+                        watch(&mut self.deadlines, &mut self.last_deadline, d, watch_key);
                     }
                 }
                 if self.st[id.index()].pending_children == 0 {
@@ -332,14 +328,16 @@ impl Runtime {
         if matches!(self.st[id.index()].status, Status::Done(_)) {
             return false;
         }
-        let g = Arc::clone(&self.g);
-        let node = g.node(id);
-        if let Some(w) = &node.worker {
+        if self.st[id.index()].unconfirmed > 0 {
             self.unconfirm(id);
+        }
+        let node = self.g.node(id);
+        if let Some(w) = &node.worker {
             // A drained worker closed its own gate (when the stop closes it); any other end
             // closes it here, so that later sends fail at the sender.
             let shutdown_end = self.shutdown.is_some() && outcome != Outcome::Drained;
-            if self.close_when_done.remove(&id) || shutdown_end {
+            let was_open = !self.close_when_done.is_empty() && self.close_when_done.remove(&id);
+            if was_open || shutdown_end {
                 w.close();
             }
         }
@@ -485,5 +483,19 @@ impl Runtime {
             line.push_str(&format!(", … {} more", pending.len() - SHOWN));
         }
         log::info!(target: LOG, "{line}");
+    }
+}
+
+/// Makes sure the timer wakes at `deadline` to check `parent`'s children. (A function of the two
+/// fields rather than a method, so `tell` can call it while it holds the node.)
+fn watch(
+    deadlines: &mut BinaryHeap<Reverse<(Instant, NodeId)>>,
+    last: &mut Option<(Instant, NodeId)>,
+    deadline: Instant,
+    parent: NodeId,
+) {
+    if *last != Some((deadline, parent)) {
+        *last = Some((deadline, parent));
+        deadlines.push(Reverse((deadline, parent)));
     }
 }
