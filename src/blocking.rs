@@ -315,6 +315,9 @@ impl<W: BlockingWorker> BlockingMailbox<W> {
     /// Hands an envelope a stale instance took back to whichever instance is current, and
     /// wakes it in case it waits on the channel.
     fn give_back(&self, env: Envelope<W>) {
+        if self.is_closed() {
+            return; // gone for good: dropped, and counted (see `close`)
+        }
         if !matches!(env, Envelope::Wake) {
             let mut returned = self.returned.lock();
             returned.push_back(env);
@@ -383,8 +386,15 @@ impl<W: BlockingWorker> WorkerControl for BlockingMailbox<W> {
         let _ = self.tx.send(Envelope::Wake);
     }
 
+    /// Closes the gate for good (the child is gone): what is still queued will never be
+    /// handled, so it is dropped now — it stays counted (`accepted - handled`), and a `send`
+    /// waiting for its answer learns at once that none will come.
     fn close(&self) {
         self.close_gate();
+        let leftovers: Vec<Envelope<W>> = self.rx.try_iter().collect();
+        let returned = std::mem::take(&mut *self.returned.lock());
+        self.has_returned.store(false, Ordering::Release);
+        drop((leftovers, returned));
     }
 
     fn counts(&self) -> (u64, u64) {

@@ -225,9 +225,15 @@ impl<A: Actor> Mailbox<A> {
         Fetched::Nothing
     }
 
-    /// Closes the gate whatever is queued (the child is gone or aborted).
+    /// Closes the gate for good (the child is gone): later sends fail at the sender, and what is
+    /// still queued will never be handled, so it is dropped now — it stays counted (`accepted -
+    /// handled`), and a `send` waiting for its answer learns at once that none will come.
     pub(crate) fn close(&self) {
-        self.close_locked(self.state.lock());
+        let mut st = self.state.lock();
+        let leftovers = std::mem::take(&mut st.queue);
+        self.close_locked(st);
+        // Outside the lock: dropping a message runs the user's `Drop`.
+        drop(leftovers);
     }
 
     fn close_locked(&self, mut st: parking_lot::MutexGuard<'_, State<A>>) {
@@ -241,11 +247,19 @@ impl<A: Actor> Mailbox<A> {
     }
 
     /// Puts back messages a dying instance took but did not handle, ahead of newer ones.
+    /// If the gate closed for good meanwhile, they are dropped instead (see [`close`]).
+    ///
+    /// [`close`]: Mailbox::close
     pub(crate) fn give_back(&self, batch: &mut VecDeque<Envelope<A>>) {
         if batch.is_empty() {
             return;
         }
         let mut st = self.state.lock();
+        if st.closed {
+            drop(st);
+            batch.clear();
+            return;
+        }
         while let Some(env) = batch.pop_back() {
             st.queue.push_front(env);
         }

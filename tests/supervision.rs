@@ -1076,6 +1076,34 @@ async fn a_shutdown_during_a_backoff_restarts_nothing_and_counts_what_waited() {
     for addr in [&wa, &xa] {
         assert!(matches!(addr.do_send(Ping), Err(SendError::Closed(Ping))));
     }
+    // The request that waited for the new instance is answered, with an error: nothing hangs.
+    let answer = actix_rt::time::timeout(LONG, waiting).await;
+    assert_eq!(answer, Ok(Err(MailboxError::Closed)));
+}
+
+#[actix::test]
+async fn a_request_queued_behind_a_temporary_childs_panic_fails_instead_of_hanging() {
+    init_log();
+    let rec = Rec::default();
+    let t = plain("t", "t", &rec);
+    let ta = t.addr.clone();
+    let handle = Tree::builder("no-hang")
+        .child(t.spec.restart(Restart::Temporary))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    // Both accepted; the second waits behind the panic for an instance that will never come.
+    ta.do_send(Boom).unwrap();
+    let answer = actix_rt::time::timeout(LONG, ta.send(Num(1))).await;
+    assert_eq!(answer, Ok(Err(MailboxError::Closed)));
+    let report = handle.shutdown("test").await;
+    assert_eq!(
+        entry(&report, "t").dropped,
+        2,
+        "the Boom and the request: {report}"
+    );
 }
 
 // ----- 3. backoff -------------------------------------------------------------------------------

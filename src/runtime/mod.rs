@@ -296,7 +296,15 @@ impl Runtime {
                 self.unconfirm(id);
                 let outcome = self.exit_outcome(id, exit, unconfirmed);
                 match self.st[id.index()].status {
-                    Status::Told => self.steps.push(Step::Done(id, outcome)),
+                    Status::Told => {
+                        if self.shutdown.is_none() && outcome.is_failure() {
+                            // Stopped for a restart, it failed on the way: the restart goes
+                            // on, and the report keeps the failure.
+                            self.lives.entry(id).or_default().last_failure =
+                                Some(outcome.to_string());
+                        }
+                        self.steps.push(Step::Done(id, outcome));
+                    }
                     Status::Running => {
                         if unconfirmed && self.is_initial_start(id) {
                             self.fail_start(id, outcome);
