@@ -1,9 +1,10 @@
 //! Process-level tests: the built `pipeline` example, driven with real signals.
 //!
 //! Each test starts the example binary with piped stdout/stderr (read on background threads so
-//! the pipes never fill), waits for its `ready` line, sends SIGTERM with `libc::kill`, and checks
-//! the exit code, the final `produced=P consumed=C lost=L` line and the JSON report. Every wait is
-//! bounded, synchronised on output lines rather than on sleeps where possible, and generous enough
+//! the pipes never fill), waits for its `ready` line, sends SIGTERM with `libc::kill` (or, for a
+//! tree that gives up by itself, sends nothing), and checks the exit code, the final
+//! `produced=P consumed=C lost=L panics=N` line and the JSON report. Every wait is bounded,
+//! synchronised on output lines rather than on sleeps where possible, and generous enough
 //! for a loaded 2-core machine; a child that outlives its bound is killed and the test fails with
 //! its output.
 
@@ -301,12 +302,13 @@ impl Drop for Pipeline {
 
 // ----- reading the results -------------------------------------------------------------------
 
-/// `produced=P consumed=C lost=L`.
+/// `produced=P consumed=C lost=L panics=N`.
 #[derive(Debug)]
 struct Books {
     produced: u64,
     consumed: u64,
     lost: u64,
+    panics: u64,
 }
 
 impl Finished {
@@ -361,6 +363,7 @@ impl Finished {
             produced: field("produced"),
             consumed: field("consumed"),
             lost: field("lost"),
+            panics: field("panics"),
         }
     }
 
@@ -400,6 +403,13 @@ impl Finished {
             .flatten()
             .map(|c| c["dropped"].as_u64().unwrap_or_default())
             .sum()
+    }
+
+    /// A non-negative integer field (`restarts`, `dropped`, ...) of the entry at `path`.
+    fn count(&self, path: &str, field: &str) -> u64 {
+        self.child(path)[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("`{path}` has no `{field}` count\n{}", self.dump()))
     }
 
     /// Milliseconds since the shutdown started when `path` was told / acknowledged.
@@ -629,4 +639,193 @@ fn a_third_sigterm_exits_at_once_even_when_the_tree_is_stuck() {
         "the third signal exits at once\n{}",
         done.1
     );
+}
+
+#[test]
+fn a_panicking_worker_is_restarted_and_loses_only_the_message_in_hand() {
+    // workers/1 gets about 500 messages a second (2 producers × 1000/s over 4 workers): a panic
+    // every 150 is 3 or so a second, far within 1000 restarts per 5 s.
+    let mut run = Pipeline::start(
+        "panic-every",
+        &[
+            "--panic-every",
+            "150",
+            "workers/1",
+            "--max-restarts",
+            "1000",
+        ],
+    );
+    // The runtime's INFO line once the third fresh instance has started. The signal goes right
+    // after it, so the next panic is some 150 messages (~300 ms) away: a panic in the instant
+    // the shutdown begins would be recorded, not restarted (and the exit code be 3).
+    run.wait_stderr(
+        Duration::from_secs(30),
+        &["restarted workers/1 (restart 3)"],
+    );
+    run.sigterm();
+    let sent = Instant::now();
+    let done = run.finish(sent, Duration::from_secs(30));
+
+    // Panics while running are restarts, not failures: the shutdown itself is clean.
+    assert_eq!(done.code, Some(EXIT_CLEAN), "{}", done.dump());
+    assert_eq!(done.report["outcome"], "Clean", "{}", done.dump());
+    assert_eq!(done.report["reason"], "SIGTERM", "{}", done.dump());
+    done.assert_drained(all_paths(2, 4));
+
+    let books = done.books();
+    assert!(books.panics >= 3, "{books:?}\n{}", done.dump());
+    assert!(books.consumed > 0, "{books:?}\n{}", done.dump());
+    assert_eq!(
+        books.produced,
+        books.consumed + books.lost,
+        "{books:?}\n{}",
+        done.dump()
+    );
+    // The mailbox outlives each instance: only the message being handled is lost per panic.
+    assert_eq!(books.lost, books.panics, "{books:?}\n{}", done.dump());
+    done.assert_books_balance();
+
+    // One restart and one dropped message per panic, for workers/1 and no one else.
+    assert_eq!(
+        done.count("workers/1", "restarts"),
+        books.panics,
+        "{books:?}\n{}",
+        done.dump()
+    );
+    assert_eq!(
+        done.count("workers/1", "dropped"),
+        books.panics,
+        "{books:?}\n{}",
+        done.dump()
+    );
+    assert!(
+        done.child("workers/1")["last_failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("injected panic")),
+        "workers/1's last failure should be the injected panic\n{}",
+        done.dump()
+    );
+    for path in all_paths(2, 4).iter().filter(|p| *p != "workers/1") {
+        assert_eq!(done.count(path, "restarts"), 0, "{path}\n{}", done.dump());
+        // A supervisor's `dropped` sums its subtree's.
+        let dropped = if path == "workers" { books.panics } else { 0 };
+        assert_eq!(
+            done.count(path, "dropped"),
+            dropped,
+            "{path}\n{}",
+            done.dump()
+        );
+    }
+
+    // The printed report: only workers/1's row shows restarts, with the count.
+    let rows: Vec<&str> = done
+        .stderr
+        .lines()
+        .filter(|l| l.contains("restarts="))
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}\n{}", done.dump());
+    assert!(
+        rows[0].split_whitespace().take(2).eq(["1", "drained"])
+            && rows[0].contains(&format!("restarts={}", books.panics)),
+        "{rows:?}\n{}",
+        done.dump()
+    );
+}
+
+#[test]
+fn panics_beyond_the_restart_intensity_escalate_to_the_root_and_exit_3() {
+    // A panic every 25 messages is about 20 a second, far beyond the default 3 restarts in 5 s:
+    // `workers` gives up, the root restarts it (3 times, its own default), it gives up again,
+    // and the root gives up: the tree shuts down by itself.
+    let mut run = Pipeline::start("escalate", &["--panic-every", "25", "workers/1"]);
+    let ready = Instant::now();
+    run.wait_stderr(Duration::from_secs(30), &["workers: ", "giving up"]);
+    run.wait_stderr(
+        Duration::from_secs(30),
+        &["tree `pipeline`: ", "restarts within", "giving up"],
+    );
+    // No signal: the process ends on its own.
+    let done = run.finish(ready, Duration::from_secs(60));
+
+    assert_eq!(done.code, Some(EXIT_FAILED), "{}", done.dump());
+    assert_eq!(done.report["outcome"], "Failed", "{}", done.dump());
+    let reason = done.report["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("restart intensity") && reason.contains("workers failed: gave up"),
+        "the reason should name the root's restart intensity and the failure behind it: \
+         {reason:?}\n{}",
+        done.dump()
+    );
+
+    // `workers` gave up for good after the root had restarted it as often as allowed.
+    let workers = &done.child("workers")["outcome"];
+    assert_eq!(workers["kind"], "Failed", "{}", done.dump());
+    assert!(
+        workers["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("gave up") && d.contains("workers/1 panicked")),
+        "{workers}\n{}",
+        done.dump()
+    );
+    assert_eq!(done.count("workers", "restarts"), 3, "{}", done.dump());
+    assert_eq!(done.outcome("workers/1"), "Panicked", "{}", done.dump());
+    // Everything upstream and downstream still drained.
+    done.assert_drained(["source", "source/0", "source/1", "router", "sink"]);
+    assert!(
+        done.stderr.contains("FAILED") && done.stderr.contains("restarts="),
+        "the printed report should show the failure and the restarts\n{}",
+        done.dump()
+    );
+
+    // Every panic lost its message; messages queued behind the last one were never handled
+    // (workers/1 was not started again), and are counted too. The books still balance.
+    let books = done.books();
+    assert!(books.panics > 3, "{books:?}\n{}", done.dump());
+    assert!(books.lost >= books.panics, "{books:?}\n{}", done.dump());
+    assert_eq!(
+        books.produced,
+        books.consumed + books.lost,
+        "{books:?}\n{}",
+        done.dump()
+    );
+}
+
+#[test]
+fn panic_every_rejects_what_it_cannot_apply_to() {
+    for (args, expect) in [
+        (&["--panic-every", "5", "workers/9"][..], "no such child"),
+        (
+            &["--panic-every", "5", "source/0"][..],
+            "producers handle no messages",
+        ),
+        (&["--panic-every", "5", "workers"][..], "no such child"),
+        (&["--panic-every", "0", "router"][..], "at least 1"),
+        (&["--panic-every", "x", "sink"][..], "at least 1"),
+        (&["--panic-every", "5"][..], "--panic-every"),
+    ] {
+        let mut child = Command::new(pipeline_binary())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the pipeline example");
+        let (stderr, reader) = Lines::collect(child.stderr.take().unwrap());
+        let since = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting for the pipeline") {
+                break status;
+            }
+            if since.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?}: still running after 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        reader.join().expect("the stderr reader thread");
+        let stderr = stderr.snapshot().join("\n");
+        assert_eq!(status.code(), Some(2), "{args:?}\n{stderr}");
+        assert!(stderr.contains(expect), "{args:?}: {expect:?}\n{stderr}");
+    }
 }
