@@ -74,7 +74,13 @@ impl Runtime {
             }
             Some(w) => {
                 let (accepted, handled) = w.counts();
-                (w.drained_since_told(), accepted.saturating_sub(handled))
+                // Never told in this shutdown (it was not running): it drained nothing in it.
+                let drained = if s.told_at == Stamp::NONE {
+                    0
+                } else {
+                    w.drained_since_told()
+                };
+                (drained, accepted.saturating_sub(handled))
             }
             None => (
                 children.iter().map(|c| c.drained).sum(),

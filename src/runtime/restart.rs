@@ -336,15 +336,8 @@ impl Runtime {
                                 self.close_when_done.insert(m);
                             }
                         }
-                        Status::Done(o) => {
-                            if *o == Outcome::Drained {
-                                // Stopped for a restart that will not happen: not running now.
-                                s.status = Status::Done(Outcome::NotRunning);
-                            }
-                            if let Some(w) = worker {
-                                w.close();
-                            }
-                        }
+                        // Done ones (stopped for a restart that will not happen) are closed by
+                        // `begin_shutdown` with every other stopped child.
                         _ => {}
                     }
                 }

@@ -96,6 +96,22 @@ impl Runtime {
         // Nothing restarts while draining; stops of restarts under way become part of this one.
         self.cancel_restarts();
         self.spawn_queues.clear();
+        // Children a restart or a give-up had already stopped are not running now. Their gates
+        // close, whatever waited for their next instance is dropped (and counted), and their
+        // report entries say how they stand now rather than replay that earlier stop.
+        for i in 0..self.g.nodes.len() {
+            let s = &mut self.st[i];
+            if let Status::Done(o) = &s.status {
+                if *o == Outcome::Drained {
+                    s.status = Status::Done(Outcome::NotRunning);
+                }
+                s.told_at = Stamp::NONE;
+                s.done_at = Stamp::NONE;
+                if let Some(w) = &self.g.nodes[i].worker {
+                    w.close();
+                }
+            }
+        }
         let done = |s: &super::NodeState| matches!(s.status, Status::Done(_));
         for i in 0..self.g.nodes.len() {
             let node = &self.g.nodes[i];
@@ -346,12 +362,13 @@ impl Runtime {
         if id != ROOT && log::log_enabled!(target: LOG, log::Level::Info) {
             let path = self.g.path(id);
             let took = match (s.told_at.at(self.base), s.done_at.at(self.base)) {
-                // Done in the pass that told it: it had ended before.
-                (Some(t), Some(d)) if t == d && outcome.is_failure() => "(it had ended)".into(),
                 (Some(t), Some(d)) => format!("after {}", fmt_duration(d - t)),
                 _ => "before being told".into(),
             };
+            // Done in the pass that told it: it had ended before, and that end was logged.
+            let ended_before = s.told_at == s.done_at && outcome.is_failure();
             match &outcome {
+                _ if ended_before => log::debug!(target: LOG, "{path}: had ended ({outcome})"),
                 Outcome::Drained if node.worker.is_none() => {
                     log::info!(target: LOG, "{path} acknowledged {took}, all its children done")
                 }
