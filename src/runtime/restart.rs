@@ -321,24 +321,19 @@ impl Runtime {
     }
 
     /// The shutdown began: no restart goes on. Children a restart is stopping finish their drain
-    /// as part of the shutdown, and close their gates; children it had stopped stay stopped.
+    /// as part of the shutdown, and close their gates. (Those it had stopped already are closed
+    /// by `begin_shutdown` with every other stopped child.)
     pub(super) fn cancel_restarts(&mut self) {
         let waves: Vec<(NodeId, Wave)> = self.waves.drain().collect();
         for (_, wave) in waves {
             for &r in &wave.roots {
                 for m in self.subtree(r) {
-                    let worker = self.g.node(m).worker.clone();
-                    let s = &mut self.st[m.index()];
-                    match &s.status {
-                        Status::Told => {
-                            if let Some(w) = worker {
-                                w.close_when_drained();
-                                self.close_when_done.insert(m);
-                            }
-                        }
-                        // Done ones (stopped for a restart that will not happen) are closed by
-                        // `begin_shutdown` with every other stopped child.
-                        _ => {}
+                    if self.st[m.index()].status != Status::Told {
+                        continue;
+                    }
+                    if let Some(w) = &self.g.node(m).worker {
+                        w.close_when_drained();
+                        self.close_when_done.insert(m);
                     }
                 }
             }
