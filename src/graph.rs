@@ -33,19 +33,11 @@ pub(crate) struct Node {
     pub(crate) placement: Option<Box<Placement>>,
     /// `Some` for a worker.
     pub(crate) worker: Option<Arc<dyn WorkerControl>>,
-    /// For a supervisor with settings other than the defaults.
-    supervision: Option<Box<Supervision>>,
-    pub(crate) restart: Restart,
 }
 
 impl Node {
     pub(crate) fn budget(&self) -> Option<Duration> {
         self.budget_ns.map(|ns| Duration::from_nanos(ns.get()))
-    }
-
-    /// A supervisor's strategy, intensity and backoff.
-    pub(crate) fn supervision(&self) -> Supervision {
-        self.supervision.as_deref().copied().unwrap_or_default()
     }
 }
 
@@ -56,11 +48,26 @@ pub(crate) struct Graph {
     /// Per node, its place in the start order (supervisors included): siblings are restarted,
     /// and rest-for-one picks "those started after", by it.
     pub(crate) start_rank: Vec<u32>,
+    /// Restart policies other than the default, and supervisors' settings other than the
+    /// defaults: kept beside the nodes rather than in them, since nearly every child of a big
+    /// tree has the defaults and a node's size is paid 100,000 times.
+    restarts: HashMap<NodeId, Restart>,
+    supervisions: HashMap<NodeId, Supervision>,
 }
 
 impl Graph {
     pub(crate) fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id.index()]
+    }
+
+    /// A child's restart policy.
+    pub(crate) fn restart(&self, id: NodeId) -> Restart {
+        self.restarts.get(&id).copied().unwrap_or_default()
+    }
+
+    /// A supervisor's strategy, intensity and backoff.
+    pub(crate) fn supervision(&self, id: NodeId) -> Supervision {
+        self.supervisions.get(&id).copied().unwrap_or_default()
     }
 
     /// `parent/child` path from the root (the root itself is the empty path).
@@ -96,12 +103,15 @@ impl Graph {
                 budget_ns: None,
                 placement: None,
                 worker: None,
-                supervision: (root != Supervision::default()).then(|| Box::new(root)),
-                restart: Restart::Permanent,
             }],
             start_order: Vec::new(),
             start_rank: Vec::new(),
+            restarts: HashMap::new(),
+            supervisions: HashMap::new(),
         };
+        if root != Supervision::default() {
+            g.supervisions.insert(ROOT, root);
+        }
         let mut declared_deps: Vec<Vec<String>> = vec![Vec::new()];
         let mut children_of: Vec<Vec<NodeId>> = vec![Vec::new()];
         // Depth-first, parents before children, so ids follow declaration order.
@@ -141,14 +151,19 @@ impl Graph {
             children_of[parent.index()].push(id);
             children_of.push(Vec::new());
             declared_deps.push(common.depends_on);
-            let (worker, grandchildren, supervision) = match spec.kind {
-                SpecKind::Worker(w) => (Some(w), None, None),
+            let (worker, grandchildren) = match spec.kind {
+                SpecKind::Worker(w) => (Some(w), None),
                 SpecKind::Supervisor(children, sup) => {
                     check_supervision(&sup, &format!("`{}`", join(&g.path(parent), &common.name)))?;
-                    let custom = (sup != Supervision::default()).then(|| Box::new(sup));
-                    (None, Some(children), custom)
+                    if sup != Supervision::default() {
+                        g.supervisions.insert(id, sup);
+                    }
+                    (None, Some(children))
                 }
             };
+            if common.restart != Restart::default() {
+                g.restarts.insert(id, common.restart);
+            }
             g.nodes.push(Node {
                 name: common.name.into_boxed_str(),
                 parent: Some(parent),
@@ -163,8 +178,6 @@ impl Graph {
                     other => Some(Box::new(other)),
                 },
                 worker,
-                supervision,
-                restart: common.restart,
             });
             if let Some(children) = grandchildren {
                 stack.push((id, children.into_iter()));

@@ -9,10 +9,14 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use crate::protocol::NodeId;
+
 #[derive(Debug)]
 pub(crate) struct InstanceState {
     /// The generation allowed to run. Bumped by every new instance and by every abort.
     gen: AtomicU32,
+    /// The child's id in the runtime, for the events its instances send.
+    node: AtomicU32,
     /// Messages handled over the child's life, by all its instances. One instance runs at a
     /// time, on one thread, so it has one writer.
     handled: AtomicU64,
@@ -31,6 +35,7 @@ impl Default for InstanceState {
     fn default() -> Self {
         InstanceState {
             gen: AtomicU32::new(0),
+            node: AtomicU32::new(0),
             handled: AtomicU64::new(0),
             handled_at_told: AtomicU64::new(u64::MAX),
             draining: AtomicBool::new(false),
@@ -48,6 +53,15 @@ impl InstanceState {
         self.acked.store(false, Ordering::Release);
         self.close_on_drain.store(true, Ordering::Release);
         self.gen.fetch_add(1, Ordering::AcqRel).wrapping_add(1)
+    }
+
+    /// Records the child's id (the same for every instance; set before the first start).
+    pub(crate) fn set_node(&self, id: NodeId) {
+        self.node.store(id.0, Ordering::Relaxed);
+    }
+
+    pub(crate) fn node(&self) -> NodeId {
+        NodeId(self.node.load(Ordering::Relaxed))
     }
 
     /// Makes the current instance stale, so it ends at its next step.

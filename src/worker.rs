@@ -186,7 +186,8 @@ pub(crate) struct Pump<A: Worker> {
     /// The drained hook's future, while it runs. Beside `phase` rather than inside it, which
     /// keeps the pump — allocated once per worker — small.
     hook: Option<HookFuture<A>>,
-    id: NodeId,
+    /// Its instance. (The child's id is read from the mailbox: one field less keeps the pump,
+    /// allocated once per worker, in a smaller size class.)
     gen: Gen,
     events: EventTx,
 }
@@ -255,7 +256,7 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
         let this = &mut *self;
         if let Phase::Starting = this.phase {
             // First poll: `started` ran and any `ctx.wait` it set up has finished.
-            let _ = this.events.send(Event::Started(this.id, this.gen));
+            let _ = this.events.send(Event::Started(this.mailbox.inst.node(), this.gen));
             this.phase = Phase::Running;
         }
         let mut handled = 0;
@@ -290,7 +291,8 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
                         drained: this.mailbox.inst.drained_since_told(),
                     };
                     this.mailbox.inst.mark_acked();
-                    let _ = this.events.send(Event::Acked(this.id, this.gen, stats));
+                    let _ = this.events
+                        .send(Event::Acked(this.mailbox.inst.node(), this.gen, stats));
                     this.phase = Phase::Done;
                     ctx.stop();
                     return Poll::Ready(());
@@ -394,13 +396,13 @@ pub(crate) fn spawn_instance<A: Worker>(
         Ok(Err(e)) => return Err(e.to_string()),
         Err(payload) => return Err(format!("factory panicked: {}", panic_message(&*payload))),
     };
+    mailbox.inst.set_node(id);
     let mut ctx = Context::<A>::new();
     ctx.spawn(Pump {
         mailbox: mailbox.clone(),
         batch: VecDeque::new(),
         phase: Phase::Starting,
         hook: None,
-        id,
         gen,
         events: events.clone(),
     });

@@ -91,12 +91,13 @@ impl Runtime {
         let Some(sup) = node.parent else { return };
         let path = self.g.path(id);
         let ended = ended(&outcome);
-        if !node.restart.restarts_after(abnormal) {
-            log::warn!(target: LOG, "{path} {ended}; it is {:?}: not restarted", node.restart);
+        let policy = self.g.restart(id);
+        if !policy.restarts_after(abnormal) {
+            log::warn!(target: LOG, "{path} {ended}; it is {policy:?}: not restarted");
             self.close_subtree(id);
             return;
         }
-        let sv = self.g.node(sup).supervision();
+        let sv = self.g.supervision(sup);
         let now = Instant::now();
         let counted = self
             .histories
@@ -288,7 +289,7 @@ impl Runtime {
         roots.sort_by_key(|r| self.g.start_rank[r.index()]);
         let mut workers = Vec::new();
         for &r in &roots {
-            if self.g.node(r).restart == Restart::Temporary {
+            if self.g.restart(r) == Restart::Temporary {
                 // Stopped with its siblings and not started again: not running.
                 let outcome = match &self.st[r.index()].status {
                     Status::Done(o) | Status::Exited(o) if o.is_failure() => o.clone(),
