@@ -7,7 +7,11 @@
 //! ```text
 //! RESULT name=restart_latency_p50 tree=<µs> actix=<µs> ratio=<tree/actix>
 //! RESULT name=restart_latency_p99 tree=<µs> actix=<µs> ratio=<tree/actix>
+//! RESULT name=panic_unwind_alone p50=<µs> p99=<µs>
 //! ```
+//!
+//! The last line is for scale: a `catch_unwind` of a `panic!` on its own, which a restart
+//! after a panic necessarily includes and the bare baseline does not.
 //!
 //! Tree: one worker under the root (one-for-one, intensity high enough never to give up). Each
 //! round sends `Crash` (the handler notes the instant, then panics) and then `Ping` through the
@@ -150,6 +154,15 @@ fn main() {
         );
         (tree_lat, bare_lat)
     });
+    // For scale: what catching one panic costs on its own (unwinding is most of a restart).
+    let mut unwind: Vec<Duration> = (0..rounds.min(10_000))
+        .map(|_| {
+            let t0 = Instant::now();
+            let _ = std::panic::catch_unwind(|| panic!("bench unwind"));
+            t0.elapsed()
+        })
+        .collect();
+    unwind.sort();
     let _ = std::panic::take_hook();
     let mut tree_lat = tree_lat;
     let mut bare_lat = bare_lat;
@@ -166,4 +179,9 @@ fn main() {
             tree_lat.len()
         );
     }
+    println!(
+        "RESULT name=panic_unwind_alone p50={:.1}µs p99={:.1}µs",
+        micros(percentile(&unwind, 0.50)),
+        micros(percentile(&unwind, 0.99))
+    );
 }
