@@ -256,7 +256,9 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
         let this = &mut *self;
         if let Phase::Starting = this.phase {
             // First poll: `started` ran and any `ctx.wait` it set up has finished.
-            let _ = this.events.send(Event::Started(this.mailbox.inst.node(), this.gen));
+            let _ = this
+                .events
+                .send(Event::Started(this.mailbox.inst.node(), this.gen));
             this.phase = Phase::Running;
         }
         let mut handled = 0;
@@ -291,8 +293,9 @@ impl<A: Worker> ActorFuture<A> for Pump<A> {
                         drained: this.mailbox.inst.drained_since_told(),
                     };
                     this.mailbox.inst.mark_acked();
-                    let _ = this.events
-                        .send(Event::Acked(this.mailbox.inst.node(), this.gen, stats));
+                    let _ =
+                        this.events
+                            .send(Event::Acked(this.mailbox.inst.node(), this.gen, stats));
                     this.phase = Phase::Done;
                     ctx.stop();
                     return Poll::Ready(());
