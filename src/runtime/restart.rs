@@ -308,9 +308,15 @@ impl Runtime {
                 s.waiting = 0;
                 s.pending_children = 0;
                 s.drained = 0;
-                self.lives.entry(m).or_default().restarts += 1;
                 if self.g.node(m).worker.is_some() {
+                    // Counted when its new instance is spawned: a restart taken over by another
+                    // before that gives it one instance, not two.
                     workers.push(m);
+                } else {
+                    self.lives.entry(m).or_default().restarts += 1;
+                    // A supervisor starts afresh, as in OTP: its earlier life's restarts do not
+                    // count against its intensity.
+                    self.histories.remove(&m);
                 }
             }
         }

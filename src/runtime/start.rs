@@ -171,6 +171,10 @@ impl Runtime {
             self.st[n.index()].status = Status::Running;
             cur = self.g.node(n).parent;
         }
+        if self.st[w.index()].gen != 0 {
+            // It had an instance before: this one is a restart.
+            self.lives.entry(w).or_default().restarts += 1;
+        }
         let events = self.events_tx.clone();
         let gen = worker.new_instance();
         self.st[w.index()].gen = gen;

@@ -16,6 +16,7 @@ use super::{fmt_secs, Runtime, Stamp, Status, Step, LOG};
 use crate::graph::ROOT;
 use crate::protocol::{NodeId, Outcome, Stopping};
 use crate::report::fmt_duration;
+use crate::supervision::Restart;
 
 /// How the shutdown's stop order is decided.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -291,9 +292,16 @@ impl Runtime {
                             self.waves.get_mut(&sup).map(|w| w.orders.order(deadline))
                         }
                     };
-                    let close = stop == Stop::Shutdown;
+                    // A temporary child stopped for a sibling's restart will not start again:
+                    // its gate closes when it has drained, as in a shutdown.
+                    let close = match stop {
+                        Stop::Shutdown => true,
+                        Stop::Restart(sup) => {
+                            node.parent == Some(sup) && self.g.restart(id) == Restart::Temporary
+                        }
+                    };
                     if order.is_some_and(|o| worker.tell(o, close)) {
-                        if close {
+                        if stop == Stop::Shutdown {
                             log::info!(target: LOG, "{} draining", self.g.path(id));
                         } else {
                             log::info!(target: LOG, "{} draining for a restart", self.g.path(id));
