@@ -263,6 +263,8 @@ impl<A: Actor> Mailbox<A> {
         while let Some(env) = batch.pop_back() {
             st.queue.push_front(env);
         }
+        // The next instance may already be parked, waiting for a push.
+        st.wake_if_parked();
     }
 
     /// Records the task's current waker so that an abort can wake it wherever it waits.

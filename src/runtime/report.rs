@@ -62,12 +62,13 @@ impl Runtime {
             .map(|&c| self.child_report(c, origin, &path))
             .collect();
         let life = self.lives.get(&id);
+        // Drained in its only life, by a drain that closed its gate: everything accepted was
+        // handled, and the acknowledgement said how much (its mailbox, cold by now, is not
+        // touched). A drain begun for a restart may have left messages behind (counted below).
+        let clean = life.is_none()
+            && (self.close_when_done.is_empty() || !self.close_when_done.contains(&id));
         let (drained, dropped) = match &node.worker {
-            // Drained, in its only life: everything accepted was handled, and the
-            // acknowledgement said how much (its mailbox, cold by now, is not touched).
-            Some(_) if s.status == Status::Done(Outcome::Drained) && life.is_none() => {
-                (s.drained, 0)
-            }
+            Some(_) if s.status == Status::Done(Outcome::Drained) && clean => (s.drained, 0),
             Some(w) if s.status == Status::Done(Outcome::Drained) => {
                 let (accepted, handled) = w.counts();
                 (s.drained, accepted.saturating_sub(handled))

@@ -129,6 +129,15 @@ impl Runtime {
             self.st[i].waiting = waiting;
             self.st[i].pending_children = pending;
         }
+        // A supervisor a restart had told, whose dependents outside that restart still run, is
+        // told again by the shutdown's own rules: the children it has not told yet wait for
+        // those dependents. (What it had told already is draining and cannot be taken back.)
+        for i in 1..self.g.nodes.len() {
+            let s = &mut self.st[i];
+            if s.status == Status::Told && s.waiting > 0 && self.g.nodes[i].worker.is_none() {
+                s.status = Status::Running;
+            }
+        }
         let mut started_before = HashMap::new();
         if order == Order::ReverseStart {
             let started: Vec<NodeId> = self
@@ -360,7 +369,7 @@ impl Runtime {
             // A drained worker closed its own gate (when the stop closes it); any other end
             // closes it here, so that later sends fail at the sender.
             let shutdown_end = self.shutdown.is_some() && outcome != Outcome::Drained;
-            let was_open = !self.close_when_done.is_empty() && self.close_when_done.remove(&id);
+            let was_open = !self.close_when_done.is_empty() && self.close_when_done.contains(&id);
             if was_open || shutdown_end {
                 w.close();
             }
