@@ -129,13 +129,13 @@ impl Runtime {
             self.st[i].waiting = waiting;
             self.st[i].pending_children = pending;
         }
-        // A supervisor a restart had told, whose dependents outside that restart still run, is
-        // told again by the shutdown's own rules: the children it has not told yet wait for
-        // those dependents. (What it had told already is draining and cannot be taken back.)
+        // A supervisor a restart had told is told again by the shutdown's own rules — once its
+        // parent has been told and its dependents have finished — so the children it has not
+        // told yet wait for those, and for its ancestors' dependents. (Workers the restart had
+        // told are draining already; that cannot be taken back.)
         for i in 1..self.g.nodes.len() {
-            let s = &mut self.st[i];
-            if s.status == Status::Told && s.waiting > 0 && self.g.nodes[i].worker.is_none() {
-                s.status = Status::Running;
+            if self.g.nodes[i].worker.is_none() && self.st[i].status == Status::Told {
+                self.st[i].status = Status::Running;
             }
         }
         let mut started_before = HashMap::new();
@@ -166,18 +166,6 @@ impl Runtime {
             forced: false,
             started_before,
         });
-        // Children of supervisors a restart had already told go on by the shutdown's rules.
-        for i in 1..self.g.nodes.len() {
-            let id = NodeId(i as u32);
-            let parent_told = self
-                .g
-                .node(id)
-                .parent
-                .is_some_and(|p| self.st[p.index()].status == Status::Told);
-            if parent_told && self.st[i].waiting == 0 && !self.st[i].is_told_or_done() {
-                self.steps.push(Step::Tell(id));
-            }
-        }
         if grace.is_none() {
             self.steps.push(Step::Tell(ROOT));
         }
