@@ -295,6 +295,53 @@ impl Handler<Boom> for Slow {
     }
 }
 
+/// `x` depends on `x_dep` (`p/t`, or its parent `p`); `f` fails so that `p`'s one-for-all restart
+/// stops `t`, whose `w2` drains slowly; the shutdown begins meanwhile. `p/t/w1` must not be told
+/// before `x` has finished.
+async fn shutdown_during_a_restart_waits_for(x_dep: &str) {
+    quiet_injected_panics();
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let slow = |name: &'static str, drain_ms: u64| {
+        let log = log.clone();
+        ChildSpec::worker(name, move || Slow {
+            name,
+            drain: Duration::from_millis(drain_ms),
+            log: log.clone(),
+        })
+    };
+    let f = slow("f", 0);
+    let f_addr = f.addr();
+    let handle = Tree::builder("race")
+        .child(slow("x", 300).depends_on(x_dep))
+        .child(
+            SupervisorSpec::new("p")
+                .strategy(Strategy::OneForAll)
+                .child(f)
+                .child(
+                    SupervisorSpec::new("t")
+                        .child(slow("w1", 0))
+                        // `w2` stops before `w1`, and takes 300 ms.
+                        .child(slow("w2", 300).depends_on("w1")),
+                ),
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    // `f` fails: `p` restarts `f` and `t`; `t/w2` drains (300 ms), `t/w1` waits for it.
+    f_addr.do_send(Boom).unwrap();
+    actix_rt::time::sleep(Duration::from_millis(50)).await;
+    let report = handle.shutdown("end").await;
+    let log = log.lock().unwrap().clone();
+    let pos = |e: &str| log.iter().position(|l| l == e);
+    let (x_done, w1_told) = (pos("x done"), pos("w1 told (shutdown)"));
+    assert!(
+        x_done.is_some() && w1_told.is_some() && x_done < w1_told,
+        "x depends on {x_dep}, but p/t/w1 was told before x had finished: {log:?}\n{report}"
+    );
+}
+
 /// When the shutdown begins while a restart is stopping a supervisor's children, the children
 /// the restart had not told yet are told by the shutdown as soon as their siblings allow —
 /// without waiting for the children (outside the restart) that depend on their supervisor.
@@ -302,92 +349,12 @@ impl Handler<Boom> for Slow {
 /// still draining.
 #[actix_rt::test]
 async fn the_shutdown_waits_for_dependents_of_a_supervisor_a_restart_is_stopping() {
-    quiet_injected_panics();
-    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let slow = |name: &'static str, drain_ms: u64| {
-        let log = log.clone();
-        ChildSpec::worker(name, move || Slow {
-            name,
-            drain: Duration::from_millis(drain_ms),
-            log: log.clone(),
-        })
-    };
-    let f = slow("f", 0);
-    let f_addr = f.addr();
-    let handle = Tree::builder("race")
-        .child(slow("x", 300).depends_on("p/t"))
-        .child(
-            SupervisorSpec::new("p")
-                .strategy(Strategy::OneForAll)
-                .child(f)
-                .child(
-                    SupervisorSpec::new("t")
-                        .child(slow("w1", 0))
-                        // `w2` stops before `w1`, and takes 300 ms.
-                        .child(slow("w2", 300).depends_on("w1")),
-                ),
-        )
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    // `f` fails: `p` restarts `f` and `t`; `t/w2` drains (300 ms), `t/w1` waits for it.
-    f_addr.do_send(Boom).unwrap();
-    actix_rt::time::sleep(Duration::from_millis(50)).await;
-    let report = handle.shutdown("end").await;
-    let log = log.lock().unwrap().clone();
-    let pos = |e: &str| log.iter().position(|l| l == e);
-    let (x_done, w1_told) = (pos("x done"), pos("w1 told (shutdown)"));
-    assert!(
-        x_done.is_some() && w1_told.is_some() && x_done < w1_told,
-        "x depends on p/t, but p/t/w1 was told before x had finished: {log:?}\n{report}"
-    );
+    shutdown_during_a_restart_waits_for("p/t").await;
 }
 
 /// The same, one level up: `x` depends on `p`, the supervisor whose restart stops `t`. The
 /// shutdown must not let `t` go on telling its children before `x` has finished.
 #[actix_rt::test]
 async fn the_shutdown_waits_for_dependents_of_the_parent_of_a_supervisor_a_restart_is_stopping() {
-    quiet_injected_panics();
-    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let slow = |name: &'static str, drain_ms: u64| {
-        let log = log.clone();
-        ChildSpec::worker(name, move || Slow {
-            name,
-            drain: Duration::from_millis(drain_ms),
-            log: log.clone(),
-        })
-    };
-    let f = slow("f", 0);
-    let f_addr = f.addr();
-    let handle = Tree::builder("race")
-        .child(slow("x", 300).depends_on("p"))
-        .child(
-            SupervisorSpec::new("p")
-                .strategy(Strategy::OneForAll)
-                .child(f)
-                .child(
-                    SupervisorSpec::new("t")
-                        .child(slow("w1", 0))
-                        // `w2` stops before `w1`, and takes 300 ms.
-                        .child(slow("w2", 300).depends_on("w1")),
-                ),
-        )
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    // `f` fails: `p` restarts `f` and `t`; `t/w2` drains (300 ms), `t/w1` waits for it.
-    f_addr.do_send(Boom).unwrap();
-    actix_rt::time::sleep(Duration::from_millis(50)).await;
-    let report = handle.shutdown("end").await;
-    let log = log.lock().unwrap().clone();
-    let pos = |e: &str| log.iter().position(|l| l == e);
-    let (x_done, w1_told) = (pos("x done"), pos("w1 told (shutdown)"));
-    assert!(
-        x_done.is_some() && w1_told.is_some() && x_done < w1_told,
-        "x depends on p, but p/t/w1 was told before x had finished: {log:?}\n{report}"
-    );
+    shutdown_during_a_restart_waits_for("p").await;
 }
