@@ -48,6 +48,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg_attr(not(feature = "web"), allow(dead_code))]
+mod adapter;
 mod addr;
 mod blocking;
 mod error;
@@ -61,6 +63,8 @@ mod signals;
 mod spec;
 mod supervision;
 mod tree;
+#[cfg(feature = "web")]
+pub mod web;
 mod worker;
 
 pub use addr::ChildAddr;
@@ -73,7 +77,7 @@ pub use report::{
 };
 pub use spec::{ChildSpec, Placement, SupervisorSpec, WorkerSpec};
 pub use supervision::{Backoff, Intensity, Restart, Strategy};
-pub use tree::{Phase, Tree, TreeBuilder, TreeHandle};
+pub use tree::{Phase, PhaseWatch, Tree, TreeBuilder, TreeHandle};
 pub use worker::{HookFuture, InFlight, InFlightGuard, Worker};
 
 /// Compiles the README's quickstart as a doctest, so it cannot drift from the API.

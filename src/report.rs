@@ -63,6 +63,8 @@ pub enum ChildKind {
     Supervisor,
     /// A blocking worker, on an OS thread of its own.
     Blocking,
+    /// An actix-web HTTP server (feature `web`); its drained and dropped counts are requests.
+    Server,
 }
 
 /// One child's entry in the report.
@@ -88,6 +90,10 @@ pub struct ChildReport {
     /// Messages it had accepted and never handled (aborted or panicked; subtree sum for a
     /// supervisor).
     pub dropped: u64,
+    /// For a server: the requests in progress when it was told `Stopping` (those, and any
+    /// still arriving on open connections, are what it then drained).
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+    pub in_flight: Option<u64>,
     /// Times it was restarted during the tree's life.
     pub restarts: u32,
     /// How its last abnormal end before the shutdown went (`panicked: …`, `failed: …`), if it
@@ -266,6 +272,9 @@ fn write_child(
         c.dropped,
         bar(c.told, c.acknowledged, total)
     )?;
+    if let Some(n) = c.in_flight {
+        write!(f, " in flight when told={n}")?;
+    }
     if c.restarts > 0 {
         write!(f, " restarts={}", c.restarts)?;
     }
@@ -373,6 +382,7 @@ mod tests {
             acknowledged: Some(Duration::from_millis(ack_ms)),
             drained: 7,
             dropped: 0,
+            in_flight: None,
             restarts: 0,
             last_failure: None,
             children: Vec::new(),

@@ -44,6 +44,9 @@ pub(crate) trait WorkerControl: Send + Sync {
     fn kind(&self) -> ChildKind;
     /// Whether its instances run on an arbiter (actors) rather than a thread of their own.
     fn needs_arbiter(&self) -> bool;
+    /// The child's shutdown budget, resolved when the tree starts (its own, or the tree's
+    /// worker budget), for children whose own stop timeout is derived from it.
+    fn set_budget(&self, _budget: Duration) {}
     /// Readies the slot for a new instance (gate open, earlier instances stale, drain state
     /// clear; whatever is queued stays for the new instance) and returns its generation.
     fn new_instance(&self) -> Gen;
@@ -58,11 +61,17 @@ pub(crate) trait WorkerControl: Send + Sync {
     fn close_when_drained(&self);
     /// Ends the current instance at its next step, leaving the gate as it is.
     fn abort(&self);
+    /// Closes the gate for good: the child is gone.
     fn close(&self);
     /// (accepted, handled) over the child's life.
     fn counts(&self) -> (u64, u64);
     /// Messages handled since `Stopping` was queued (0 if never told).
     fn drained_since_told(&self) -> u64;
+    /// Units of work in progress when the current instance was told (requests, for a server);
+    /// `None` for children that do not count them, or were not told.
+    fn in_flight_when_told(&self) -> Option<u64> {
+        None
+    }
     /// The child's address (`ChildAddr<A>` or `BlockingAddr<W>`), boxed, for typed lookups.
     fn addr_any(self: Arc<Self>) -> Box<dyn Any + Send>;
 }

@@ -17,7 +17,7 @@ use crate::spec::ChildSpec;
 use crate::supervision::{Backoff, Intensity, Strategy, Supervision};
 use crate::worker::Worker;
 
-pub use crate::runtime::Phase;
+pub use crate::runtime::{Phase, PhaseWatch};
 
 /// Declares a tree: its top-level children and its tree-wide settings.
 ///
@@ -133,6 +133,14 @@ impl TreeBuilder {
         self
     }
 
+    /// A view of the phase of the tree this builder makes, usable before the tree exists: hand
+    /// it to the code that answers health checks (for example
+    /// [`web::health`](crate::web::health), mounted in an app that is itself one of the tree's
+    /// children). It reads `Starting` until the tree starts.
+    pub fn phase_watch(&self) -> PhaseWatch {
+        self.cfg.phase.clone()
+    }
+
     /// Checks the specification: names (non-empty, no `/`, unique among siblings), dependencies
     /// (known, acyclic), durations (non-zero), pools (declared, non-empty).
     pub fn build(self) -> Result<Tree, BuildError> {
@@ -190,6 +198,7 @@ impl Tree {
                 signals: false,
                 stop_system: false,
                 pools: HashMap::new(),
+                phase: PhaseWatch::new(),
             },
         }
     }
@@ -313,7 +322,12 @@ impl TreeHandle {
 
     /// True while the tree serves (phase `Running`); false from the instant draining starts.
     pub fn is_ready(&self) -> bool {
-        self.phase() == Phase::Running
+        self.phase().is_ready()
+    }
+
+    /// A read-only view of the phase, to hand to code that must not hold the whole handle.
+    pub fn phase_watch(&self) -> PhaseWatch {
+        self.shared.phase_watch()
     }
 
     /// The stable address of the worker at `path` (like `workers/3`), if there is a worker of

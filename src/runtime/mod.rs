@@ -32,8 +32,8 @@ use crate::graph::Graph;
 use crate::protocol::{Event, EventTx, Exit, Gen, NodeId, Outcome};
 use crate::report::{ShutdownReport, TreeOutcome};
 
-pub use shared::Phase;
 pub(crate) use shared::{Command, Config, Shared};
+pub use shared::{Phase, PhaseWatch};
 
 use restart::{Life, Wave};
 use stop::{Order, Shutdown};
@@ -168,7 +168,12 @@ impl Runtime {
         let (events_tx, events) = unbounded_channel();
         let (commands_tx, commands) = unbounded_channel();
         let g = Arc::new(g);
-        let shared = Arc::new(Shared::new(name, g.clone(), commands_tx));
+        let shared = Arc::new(Shared::new(name, g.clone(), commands_tx, cfg.phase.clone()));
+        for node in &g.nodes {
+            if let Some(w) = &node.worker {
+                w.set_budget(node.budget().unwrap_or(cfg.worker_budget));
+            }
+        }
         let st = (0..g.nodes.len()).map(|_| NodeState::new()).collect();
         let rt = Runtime {
             base: Instant::now(),

@@ -109,6 +109,11 @@ impl Runtime {
                 .map(|t| t.saturating_duration_since(origin)),
             drained,
             dropped,
+            in_flight: node
+                .worker
+                .as_ref()
+                .filter(|_| s.told_at != Stamp::NONE)
+                .and_then(|w| w.in_flight_when_told()),
             restarts: life.map_or(0, |l| l.restarts),
             last_failure: life.and_then(|l| l.last_failure.clone()),
             children,

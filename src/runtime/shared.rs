@@ -36,6 +36,72 @@ impl Phase {
             _ => Phase::Stopped,
         }
     }
+
+    /// The phase in lower case (`"running"`), as health endpoints and logs show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Draining => "draining",
+            Phase::Stopped => "stopped",
+        }
+    }
+
+    /// Ready to serve: only while `Running` (false from the instant draining starts).
+    pub fn is_ready(self) -> bool {
+        self == Phase::Running
+    }
+
+    /// Alive: until the tree has stopped (starting and draining count as alive, so a probe does
+    /// not kill a process that is busy shutting down cleanly).
+    pub fn is_live(self) -> bool {
+        self != Phase::Stopped
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A read-only view of a tree's phase, cheap to clone and to read from any thread, without
+/// blocking. Unlike a [`TreeHandle`](crate::TreeHandle), it exists before the tree is built
+/// ([`TreeBuilder::phase_watch`](crate::TreeBuilder::phase_watch)), so it can be handed to the
+/// code that serves health checks — an actix-web app declared as one of the tree's own
+/// children, for instance.
+#[derive(Clone)]
+pub struct PhaseWatch {
+    phase: Arc<AtomicU8>,
+}
+
+impl PhaseWatch {
+    pub(crate) fn new() -> Self {
+        PhaseWatch {
+            phase: Arc::new(AtomicU8::new(Phase::Starting as u8)),
+        }
+    }
+
+    /// The phase now.
+    pub fn get(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    /// See [`Phase::is_ready`].
+    pub fn is_ready(&self) -> bool {
+        self.get().is_ready()
+    }
+
+    /// See [`Phase::is_live`].
+    pub fn is_live(&self) -> bool {
+        self.get().is_live()
+    }
+}
+
+impl std::fmt::Debug for PhaseWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PhaseWatch").field(&self.get()).finish()
+    }
 }
 
 /// Tree-wide settings, from the builder.
@@ -48,6 +114,8 @@ pub(crate) struct Config {
     pub(crate) signals: bool,
     pub(crate) stop_system: bool,
     pub(crate) pools: HashMap<String, usize>,
+    /// The phase cell, made with the builder so watches can be handed out before the start.
+    pub(crate) phase: PhaseWatch,
 }
 
 /// What callers ask of the runtime.
@@ -61,7 +129,7 @@ pub(crate) enum Command {
 /// State shared between the runtime and every `TreeHandle`.
 pub(crate) struct Shared {
     pub(crate) name: String,
-    pub(super) phase: AtomicU8,
+    pub(super) phase: PhaseWatch,
     pub(super) triggered: AtomicBool,
     commands: UnboundedSender<Command>,
     report: Mutex<Option<Arc<ShutdownReport>>>,
@@ -72,10 +140,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(super) fn new(name: String, graph: Arc<Graph>, commands: UnboundedSender<Command>) -> Self {
+    pub(super) fn new(
+        name: String,
+        graph: Arc<Graph>,
+        commands: UnboundedSender<Command>,
+        phase: PhaseWatch,
+    ) -> Self {
         Shared {
             name,
-            phase: AtomicU8::new(Phase::Starting as u8),
+            phase,
             triggered: AtomicBool::new(false),
             commands,
             report: Mutex::new(None),
@@ -86,11 +159,25 @@ impl Shared {
     }
 
     pub(crate) fn phase(&self) -> Phase {
-        Phase::from_u8(self.phase.load(Ordering::Acquire))
+        self.phase.get()
+    }
+
+    pub(crate) fn phase_watch(&self) -> PhaseWatch {
+        self.phase.clone()
     }
 
     pub(super) fn set_phase(&self, phase: Phase) {
-        self.phase.store(phase as u8, Ordering::Release);
+        self.phase.phase.store(phase as u8, Ordering::Release);
+    }
+
+    /// `Starting` → `Running`, unless a trigger has already moved the phase on.
+    pub(super) fn set_running(&self) {
+        let _ = self.phase.phase.compare_exchange(
+            Phase::Starting as u8,
+            Phase::Running as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     /// Starts the shutdown unless one was started already. True for the call that started it.
@@ -100,6 +187,7 @@ impl Shared {
         }
         // Readiness turns false at once, not when the runtime gets to the command.
         self.phase
+            .phase
             .fetch_max(Phase::Draining as u8, Ordering::AcqRel);
         let _ = self.commands.send(Command::Shutdown(reason));
         true

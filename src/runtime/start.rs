@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 
 use actix::prelude::*;
 
-use super::{Phase, Runtime, Starting, Status, LOG};
+use super::{Runtime, Starting, Status, LOG};
 use crate::graph::ROOT;
 use crate::protocol::{Event, Exit, NodeId, Outcome};
 use crate::spec::Placement;
@@ -240,12 +240,7 @@ impl Runtime {
             return;
         };
         // A trigger during the start has already moved the phase on; keep it.
-        let _ = self.shared.phase.compare_exchange(
-            Phase::Starting as u8,
-            Phase::Running as u8,
-            std::sync::atomic::Ordering::AcqRel,
-            std::sync::atomic::Ordering::Acquire,
-        );
+        self.shared.set_running();
         log::info!(target: LOG, "tree `{}` running", self.shared.name);
         if let Some(reply) = reply {
             let _ = reply.send(Ok(()));
