@@ -187,6 +187,7 @@ impl Tree {
                 grace: Duration::ZERO,
                 progress_interval: Duration::from_secs(1),
                 worker_budget: Duration::from_secs(5),
+                observers: Vec::new(),
                 signals: false,
                 stop_system: false,
                 pools: HashMap::new(),

@@ -247,6 +247,13 @@ impl Runtime {
             std::sync::atomic::Ordering::Acquire,
         );
         log::info!(target: LOG, "tree `{}` running", self.shared.name);
+        // Only if the phase did become Running: after a trigger during the start, the
+        // observers hear `draining` next, never `running`. (The phase only moves forward.)
+        if !self.cfg.observers.is_empty() && self.shared.phase() == super::Phase::Running {
+            for o in &self.cfg.observers {
+                o.running();
+            }
+        }
         if let Some(reply) = reply {
             let _ = reply.send(Ok(()));
         }
