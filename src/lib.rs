@@ -60,6 +60,8 @@ mod runtime;
 mod signals;
 mod spec;
 mod supervision;
+#[cfg(feature = "systemd")]
+mod systemd;
 mod tree;
 mod worker;
 
