@@ -62,6 +62,8 @@ mod runtime;
 mod signals;
 mod spec;
 mod supervision;
+#[cfg(feature = "systemd")]
+mod systemd;
 mod tree;
 #[cfg(feature = "web")]
 pub mod web;

@@ -102,6 +102,27 @@ impl TreeBuilder {
         self
     }
 
+    /// Whether the tree reports its life to systemd (`sd_notify(3)`), for a unit with
+    /// `Type=notify`. Default false. Feature `systemd`.
+    ///
+    /// - `READY=1` (and `STATUS=running`) once every child has started, so systemd starts the
+    ///   units that wait for this one only when it serves;
+    /// - `STOPPING=1` and `STATUS=draining: <reason>` the instant the shutdown begins;
+    /// - `STATUS=<progress line>` every [progress interval](Self::progress_interval) while
+    ///   draining (`waiting on 1: store (2.1s/5s)`), shown by `systemctl status`;
+    /// - `STATUS=stopped: <report summary>` when the report is out.
+    ///
+    /// A no-op outside systemd (when `NOTIFY_SOCKET` is unset), so it can stay on everywhere. A
+    /// failed send is logged (target `actix_supervisor::systemd`), never an error. Give the unit
+    /// a `TimeoutStopSec` some seconds above the [deadline](Self::deadline), which runs from the
+    /// trigger with the readiness grace included: systemd sends SIGKILL when it runs out (see
+    /// `deploy/actix-supervisor-example.service`).
+    #[cfg(feature = "systemd")]
+    pub fn notify_systemd(mut self, yes: bool) -> Self {
+        crate::systemd::install(&mut self.cfg.observers, yes);
+        self
+    }
+
     /// How the root restarts its children: which siblings go with a child that ended (default
     /// [`Strategy::OneForOne`]). See [`SupervisorSpec::strategy`](crate::SupervisorSpec::strategy).
     pub fn strategy(mut self, strategy: Strategy) -> Self {
@@ -195,6 +216,7 @@ impl Tree {
                 grace: Duration::ZERO,
                 progress_interval: Duration::from_secs(1),
                 worker_budget: Duration::from_secs(5),
+                observers: Vec::new(),
                 signals: false,
                 stop_system: false,
                 pools: HashMap::new(),

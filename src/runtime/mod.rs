@@ -14,6 +14,7 @@
 //! siblings for a restart), `restart.rs` decides what an ended child means, `report.rs` turns
 //! the final state into the report. This file holds the state they share and the event loop.
 
+mod observer;
 mod report;
 mod restart;
 mod shared;
@@ -37,6 +38,9 @@ pub use shared::{Phase, PhaseWatch};
 
 use restart::{Life, Wave};
 use stop::{Order, Shutdown};
+
+// For the edge modules that follow the tree (systemd).
+pub(crate) use observer::Observer;
 
 const LOG: &str = "actix_supervisor::runtime";
 
@@ -210,6 +214,8 @@ impl Runtime {
         started: tokio::sync::oneshot::Sender<StartResult>,
     ) -> impl std::future::Future<Output = ()> {
         let shared = self.shared.clone();
+        // Observers hear about a runtime that panicked too (cloned only when there are some).
+        let observers = self.cfg.observers.clone();
         let mut fut = Box::pin(self.run(started));
         std::future::poll_fn(move |cx| {
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -225,6 +231,9 @@ impl Runtime {
                     );
                     report.outcome = TreeOutcome::Failed;
                     shared.set_phase(Phase::Stopped);
+                    for o in &observers {
+                        o.stopped(&report);
+                    }
                     shared.publish(Arc::new(report));
                     std::task::Poll::Ready(())
                 }

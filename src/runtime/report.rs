@@ -147,6 +147,11 @@ impl Runtime {
         self.shared.set_phase(Phase::Stopped);
         log::info!(target: LOG, "{}", report.summary());
         log::debug!(target: LOG, "report:\n{report}");
+        // Before publishing: a caller awaiting the report may end the process at once, and the
+        // observers' last word (systemd's final status) must be out by then.
+        for o in &self.cfg.observers {
+            o.stopped(&report);
+        }
         let report = Arc::new(report);
         self.shared.publish(report.clone());
         if self.cfg.stop_system {

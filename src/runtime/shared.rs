@@ -111,6 +111,8 @@ pub(crate) struct Config {
     pub(crate) grace: Duration,
     pub(crate) progress_interval: Duration,
     pub(crate) worker_budget: Duration,
+    /// Edge integrations following the tree's life (see `observer.rs`); usually empty.
+    pub(crate) observers: Vec<Arc<dyn super::Observer>>,
     pub(crate) signals: bool,
     pub(crate) stop_system: bool,
     pub(crate) pools: HashMap<String, usize>,

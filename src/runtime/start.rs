@@ -242,6 +242,13 @@ impl Runtime {
         // A trigger during the start has already moved the phase on; keep it.
         self.shared.set_running();
         log::info!(target: LOG, "tree `{}` running", self.shared.name);
+        // Only if the phase did become Running: after a trigger during the start, the
+        // observers hear `draining` next, never `running`. (The phase only moves forward.)
+        if !self.cfg.observers.is_empty() && self.shared.phase() == super::Phase::Running {
+            for o in &self.cfg.observers {
+                o.running();
+            }
+        }
         if let Some(reply) = reply {
             let _ = reply.send(Ok(()));
         }

@@ -94,6 +94,9 @@ impl Runtime {
             self.shared.name,
             fmt_duration(self.cfg.deadline)
         );
+        for o in &self.cfg.observers {
+            o.draining(&reason);
+        }
         // Nothing restarts while draining; stops of restarts under way become part of this one.
         self.cancel_restarts();
         self.spawn_queues.clear();
@@ -461,8 +464,12 @@ impl Runtime {
 
     pub(super) fn log_progress(&self, now: Instant) {
         let Some(sd) = &self.shutdown else { return };
+        // The line is built only for someone: the log at INFO, or an observer.
+        if self.cfg.observers.is_empty() && !log::log_enabled!(target: LOG, log::Level::Info) {
+            return;
+        }
         if sd.grace_until.is_some() {
-            log::info!(target: LOG, "readiness grace: nothing stopped yet");
+            self.emit_progress("readiness grace: nothing stopped yet");
             return;
         }
         // The pending children that hold the others up: told, not done, no pending child.
@@ -504,7 +511,15 @@ impl Runtime {
         if pending.len() > SHOWN {
             line.push_str(&format!(", … {} more", pending.len() - SHOWN));
         }
+        self.emit_progress(&line);
+    }
+
+    /// One progress line, built once, to the log and to every observer.
+    fn emit_progress(&self, line: &str) {
         log::info!(target: LOG, "{line}");
+        for o in &self.cfg.observers {
+            o.progress(line);
+        }
     }
 }
 
