@@ -12,10 +12,13 @@ use crate::tree::TreeHandle;
 
 const LOG: &str = "actix_supervisor::signals";
 
-/// Listens, on a dedicated arbiter, until the process ends.
+/// Listens, on a dedicated arbiter, until the process ends. The receiver resolves once the
+/// handlers are installed (or installing them failed), so that the start can wait for it: until
+/// then a SIGTERM still has its default action.
 #[cfg(unix)]
-pub(crate) fn listen(handle: TreeHandle) {
+pub(crate) fn listen(handle: TreeHandle) -> tokio::sync::oneshot::Receiver<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    let (installed, rx) = tokio::sync::oneshot::channel();
     let arbiter = actix_rt::Arbiter::new();
     arbiter.spawn(async move {
         let (mut term, mut int) = match (
@@ -28,6 +31,7 @@ pub(crate) fn listen(handle: TreeHandle) {
                 return;
             }
         };
+        let _ = installed.send(());
         let mut count = 0u32;
         loop {
             let name = tokio::select! {
@@ -51,9 +55,11 @@ pub(crate) fn listen(handle: TreeHandle) {
             }
         }
     });
+    rx
 }
 
 #[cfg(not(unix))]
-pub(crate) fn listen(_handle: TreeHandle) {
+pub(crate) fn listen(_handle: TreeHandle) -> tokio::sync::oneshot::Receiver<()> {
     log::warn!(target: LOG, "signal handling is only implemented on unix");
+    tokio::sync::oneshot::channel().1
 }

@@ -88,15 +88,32 @@ impl TreeBuilder {
     }
 
     /// Whether the tree listens for SIGTERM and SIGINT (first: graceful shutdown; second: abort
-    /// what is pending now; third: exit at once). Default false: an embedded tree leaves signals
-    /// to its host. Unix only; ignored elsewhere.
+    /// what is pending now; third: exit at once). Unix only; ignored elsewhere.
+    ///
+    /// Set it when the tree owns the process (its `main` is the tree): see [`Tree`]. The handlers
+    /// are installed by the time [`Tree::start`] resolves and stay for the rest of the process
+    /// (a signal handler cannot be taken back), so set it only when the tree's end is the
+    /// process's end.
+    ///
+    /// Default false, for a tree embedded in an app that has its own signal handling (actix-web's
+    /// server, or none): the tree installs no handler at all, SIGTERM keeps whatever disposition
+    /// the app gave it, and the app shuts the tree down from its own code with
+    /// [`TreeHandle::shutdown`].
     pub fn handle_signals(mut self, yes: bool) -> Self {
         self.cfg.signals = yes;
         self
     }
 
     /// Whether the tree stops the actix `System` when its shutdown is over, with the report's
-    /// exit code. Default false.
+    /// exit code ([`System::stop_with_code`](actix_rt::System::stop_with_code)), for a tree that
+    /// owns the process and a `main` that runs the System with
+    /// [`SystemRunner::run_with_code`](actix_rt::SystemRunner::run_with_code). (`#[actix::main]`
+    /// runs `main`'s body to its end instead: there, end with
+    /// `std::process::exit(report.exit_code())`.)
+    ///
+    /// Default false, for a tree embedded in an app: the tree never stops the System it runs
+    /// in; after its report the System, its arbiters and the app's actors go on, and another
+    /// tree can be started in it.
     pub fn stop_system(mut self, yes: bool) -> Self {
         self.cfg.stop_system = yes;
         self
@@ -189,6 +206,20 @@ impl TreeBuilder {
 }
 
 /// A checked tree, ready to start. See [`Tree::builder`].
+///
+/// A tree runs in one of two ways:
+///
+/// - **It owns the process** — a service whose `main` is the tree:
+///   [`.handle_signals(true)`](TreeBuilder::handle_signals) (SIGTERM or SIGINT drains it, a
+///   second signal forces, a third exits), and at the end either
+///   [`.stop_system(true)`](TreeBuilder::stop_system) or, after
+///   [`TreeHandle::wait`], `std::process::exit(report.exit_code())`.
+/// - **It is embedded in an existing app** (`#[actix_web::main]`, or any running actix System):
+///   keep the defaults. The tree installs no signal handler, never stops the System and stops
+///   only the arbiters it created itself. The app starts it with [`Tree::start`] and, on its own
+///   shutdown path (for example once actix-web's `HttpServer` has returned), awaits
+///   [`TreeHandle::shutdown`], which resolves to the [`ShutdownReport`]. See [`Tree::start`] for
+///   an example.
 pub struct Tree {
     name: String,
     graph: Graph,
@@ -225,11 +256,52 @@ impl Tree {
         }
     }
 
-    /// Starts every child in order and resolves once all have started. Must be called inside a
-    /// running actix `System`; the tree's runtime runs on the current arbiter.
+    /// Starts every child in order and resolves once all have started (and, with
+    /// [`handle_signals`](TreeBuilder::handle_signals), once the signal handlers are installed).
+    /// Must be called inside a running actix `System`; the tree's runtime runs on the current
+    /// arbiter. With the defaults it touches nothing else of the process: no signal handler, no
+    /// System stop (see [`Tree`] for the two ways to run a tree).
     ///
     /// If a child fails to start, what had started is shut down (reverse start order) and the
     /// error names the child and the cause.
+    ///
+    /// Embedded in an app that owns the System and the signals:
+    ///
+    /// ```
+    /// use actix::prelude::*;
+    /// use actix_supervisor::{ChildSpec, Tree, TreeOutcome, Worker};
+    ///
+    /// struct Mailer;
+    /// impl Actor for Mailer { type Context = Context<Self>; }
+    /// impl Worker for Mailer {}
+    ///
+    /// #[derive(Message)]
+    /// #[rtype(result = "()")]
+    /// struct Deliver(&'static str);
+    /// impl Handler<Deliver> for Mailer {
+    ///     type Result = ();
+    ///     fn handle(&mut self, _: Deliver, _: &mut Context<Self>) { /* send the mail */ }
+    /// }
+    ///
+    /// #[actix::main] // or #[actix_web::main]
+    /// async fn main() {
+    ///     let mailer = ChildSpec::worker("mailer", || Mailer);
+    ///     let addr = mailer.addr();
+    ///     // The defaults: no signal handlers, the System left alone.
+    ///     let tree = Tree::builder("background").child(mailer).build().expect("a valid tree");
+    ///     let handle = tree.start().await.expect("started");
+    ///
+    ///     addr.do_send(Deliver("welcome")).unwrap();
+    ///     // ... the app serves; with actix-web, `HttpServer::new(..).run().await` returns once
+    ///     // the server has handled SIGTERM itself ...
+    ///
+    ///     // The app's own shutdown path: drain the tree and look at what happened.
+    ///     let report = handle.shutdown("app shutting down").await;
+    ///     assert_eq!(report.outcome, TreeOutcome::Clean);
+    ///     eprintln!("{report}");
+    ///     // The System still runs: actors, arbiters and timers of the app go on.
+    /// }
+    /// ```
     pub fn start(self) -> impl Future<Output = Result<TreeHandle, StartError>> {
         let setup = if actix_rt::Arbiter::try_current().is_none() {
             Err(StartError {
@@ -243,18 +315,24 @@ impl Tree {
             let signals = self.cfg.signals;
             let (runtime, shared) = Runtime::new(self.graph, self.cfg, self.name);
             let (tx, rx) = tokio::sync::oneshot::channel();
+            let mut listening = None;
             if signals {
                 // Before the start, so a signal during a slow start is not fatal: it is handled
                 // once the start is over.
-                crate::signals::listen(TreeHandle {
+                listening = Some(crate::signals::listen(TreeHandle {
                     shared: shared.clone(),
-                });
+                }));
             }
             actix_rt::spawn(runtime.run_guarded(tx));
-            Ok((rx, shared))
+            Ok((rx, shared, listening))
         };
         async move {
-            let (rx, shared) = setup?;
+            let (rx, shared, listening) = setup?;
+            if let Some(listening) = listening {
+                // The listener installs its handlers on an arbiter of its own: resolve only
+                // once it has, so a SIGTERM right after the start is the tree's, not fatal.
+                let _ = listening.await;
+            }
             let started = rx.await.map_err(|_| StartError {
                 child: String::new(),
                 cause: "the tree's runtime stopped before finishing the start".into(),
