@@ -34,7 +34,10 @@ const READY_WITHIN: Duration = Duration::from_secs(20);
 /// This test runs from `target/<profile>/deps/process-HASH`; the example lives in
 /// `target/<profile>/examples/pipeline`. `cargo test` builds examples, but `cargo test --test
 /// process` does not (it would run a stale one), so a binary that is missing or older than the
-/// sources is built once with `cargo build --example pipeline` in the same profile.
+/// sources is built once with `cargo build --example pipeline` in the same profile, with the
+/// crate features this test was compiled with (so that under `cargo test --all-features` the
+/// library and dependencies built for the tests are reused, not compiled again with the default
+/// features), plus `serde`, which the example needs for `--report-json`.
 fn pipeline_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
@@ -54,10 +57,25 @@ fn pipeline_binary() -> &'static Path {
             manifest_dir.join("examples").join("pipeline.rs"),
         ]);
         if built.is_none() || built < sources {
+            let mut features = vec!["serde"];
+            for (enabled, feature) in [
+                (cfg!(feature = "web"), "web"),
+                (cfg!(feature = "systemd"), "systemd"),
+            ] {
+                if enabled {
+                    features.push(feature);
+                }
+            }
             let cargo = option_env!("CARGO").unwrap_or("cargo");
             let mut cmd = Command::new(cargo);
-            cmd.current_dir(manifest_dir)
-                .args(["build", "--example", "pipeline"]);
+            cmd.current_dir(manifest_dir).args([
+                "build",
+                "--example",
+                "pipeline",
+                "--no-default-features",
+                "--features",
+                &features.join(","),
+            ]);
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
