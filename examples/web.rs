@@ -256,6 +256,11 @@ async fn main() {
         // own signal handling disabled, so the tree alone decides when and in which order
         // things stop.
         .handle_signals(true);
+    // Under systemd (`Type=notify`, deploy/actix-supervisor-example.service): READY=1 once every
+    // child has started, STOPPING=1 and progress lines as STATUS= while draining. Elsewhere a
+    // no-op.
+    #[cfg(feature = "systemd")]
+    let builder = builder.notify_systemd(true);
     // The phase of the tree being built, for /readyz: the app is one of the tree's children.
     let phase = builder.phase_watch();
     // The factory runs on each of the server's threads, as with `HttpServer::new`.
