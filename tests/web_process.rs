@@ -181,8 +181,13 @@ struct Finished {
 impl Web {
     /// Starts the example with `args`, logging each job (`web=debug`) besides the INFO lines.
     fn spawn(args: &[&str]) -> Web {
+        Web::spawn_with_env(args, &[])
+    }
+
+    fn spawn_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Web {
         let mut child = Command::new(web_binary())
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,web=debug")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
@@ -202,7 +207,11 @@ impl Web {
 
     /// Starts the example on a free loopback port and returns it with the address it printed.
     fn start(args: &[&str]) -> (Web, SocketAddr) {
-        let mut web = Web::spawn(&[&["--bind", "127.0.0.1:0"], args].concat());
+        Web::start_with_env(args, &[])
+    }
+
+    fn start_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> (Web, SocketAddr) {
+        let mut web = Web::spawn_with_env(&[&["--bind", "127.0.0.1:0"], args].concat(), env);
         let Some(ready) = web
             .stdout
             .wait_for_n(1, READY_WITHIN, |l| l.starts_with("ready:"))
@@ -607,5 +616,66 @@ fn an_address_in_use_exits_2_naming_it() {
         !done.stdout.iter().any(|l| l.starts_with("ready:")),
         "{}",
         done.dump()
+    );
+}
+
+/// Under systemd (`Type=notify`), the example says when it is ready, when it starts stopping,
+/// and what holds the stop up, on the socket `NOTIFY_SOCKET` names.
+#[cfg(feature = "systemd")]
+#[test]
+fn under_systemd_it_notifies_ready_then_stopping_then_progress() {
+    use std::os::unix::net::UnixDatagram;
+
+    struct Socket(PathBuf);
+    impl Drop for Socket {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let path = std::env::temp_dir().join(format!("web-notify-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let socket = Socket(path);
+    let listener = UnixDatagram::bind(&socket.0).expect("a datagram socket in the temp dir");
+    listener
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+
+    let (mut web, addr) = Web::start_with_env(
+        &["--grace-ms", "1500"],
+        &[("NOTIFY_SOCKET", socket.0.as_os_str())],
+    );
+    // Long enough to still run a second or two after the grace, when progress lines name it.
+    let request = Requests::start(addr, "/work?ms=4000", 1);
+    web.wait_stderr(SOON, &["starting 4000 ms of work"]);
+    web.sigterm();
+    let done = web.finish(Instant::now(), Duration::from_secs(30));
+    assert_eq!(done.code, Some(0), "{}", done.dump());
+    assert!(matches!(request.wait(SOON)[0], Ok((200, _))));
+
+    // Every datagram is queued in the socket by now; read them all (bounded).
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    while messages.len() < 1000 {
+        match listener.recv(&mut buf) {
+            Ok(n) => messages.extend(
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .map(str::to_owned),
+            ),
+            Err(_) => break,
+        }
+    }
+    let at = |what: &dyn Fn(&String) -> bool| messages.iter().position(what);
+    let ready = at(&|m| m == "READY=1");
+    let stopping = at(&|m| m == "STOPPING=1");
+    let progress = messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.starts_with("STATUS=waiting on") && m.contains("http"))
+        .map(|(i, _)| i)
+        .next();
+    assert!(
+        matches!((ready, stopping, progress), (Some(r), Some(s), Some(p)) if r < s && s < p),
+        "READY=1, then STOPPING=1, then a STATUS= progress line naming http: {messages:#?}"
     );
 }
