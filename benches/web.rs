@@ -25,7 +25,7 @@
 //!
 //! The handler is one generic function (`work::<T>`), so the two differ only in the address type
 //! (and in what the tree adds around the app). The listener is bound to `127.0.0.1:0` first and
-//! handed over (`HttpServerSpec::on_listener`, `HttpServer::listen`).
+//! handed over (`HttpServerSpec::new`, `HttpServer::listen`).
 //!
 //! **Threads on a 2-core machine.** Both sides: one server worker thread (actix-web's own;
 //! `BENCH_SERVER_WORKERS`, default 1), the load generator on an OS thread of its own, and the
@@ -305,7 +305,7 @@ async fn tree_round(load: Load) -> Sample {
     let addr = listener.local_addr().expect("local addr");
     let backend = ChildSpec::worker("backend", Backend::default);
     let to_backend = backend.addr();
-    let http = HttpServerSpec::on_listener("http", listener, move || app(to_backend.clone()))
+    let http = HttpServerSpec::new("http", listener, move || app(to_backend.clone()))
         .workers(server_workers())
         .depends_on("backend");
     let handle = Tree::builder("bench")

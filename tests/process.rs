@@ -10,6 +10,8 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,82 +31,10 @@ const READY_WITHIN: Duration = Duration::from_secs(20);
 
 // ----- locating the example ------------------------------------------------------------------
 
-/// The `pipeline` example binary of the same profile as this test, built if needed.
-///
-/// This test runs from `target/<profile>/deps/process-HASH`; the example lives in
-/// `target/<profile>/examples/pipeline`. `cargo test` builds examples, but `cargo test --test
-/// process` does not (it would run a stale one), so a binary that is missing or older than the
-/// sources is built once with `cargo build --example pipeline` in the same profile, with the
-/// crate features this test was compiled with (so that under `cargo test --all-features` the
-/// library and dependencies built for the tests are reused, not compiled again with the default
-/// features), plus `serde`, which the example needs for `--report-json`.
+/// The `pipeline` example, built if needed; `serde` is needed for `--report-json`.
 fn pipeline_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test binary's path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test binary lives in target/<profile>/deps");
-        let binary = profile_dir
-            .join("examples")
-            .join(format!("pipeline{}", std::env::consts::EXE_SUFFIX));
-        let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
-        let sources = newest_mtime(&[
-            manifest_dir.join("Cargo.toml"),
-            manifest_dir.join("src"),
-            manifest_dir.join("examples").join("pipeline.rs"),
-        ]);
-        if built.is_none() || built < sources {
-            let mut features = vec!["serde"];
-            for (enabled, feature) in [
-                (cfg!(feature = "web"), "web"),
-                (cfg!(feature = "systemd"), "systemd"),
-            ] {
-                if enabled {
-                    features.push(feature);
-                }
-            }
-            let cargo = option_env!("CARGO").unwrap_or("cargo");
-            let mut cmd = Command::new(cargo);
-            cmd.current_dir(manifest_dir).args([
-                "build",
-                "--example",
-                "pipeline",
-                "--no-default-features",
-                "--features",
-                &features.join(","),
-            ]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let status = cmd
-                .status()
-                .expect("running cargo build --example pipeline");
-            assert!(status.success(), "cargo build --example pipeline failed");
-        }
-        assert!(binary.exists(), "no example binary at {}", binary.display());
-        binary
-    })
-}
-
-/// The latest modification time of these files and of every file under these directories.
-fn newest_mtime(paths: &[PathBuf]) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    let mut stack = paths.to_vec();
-    while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            let entries = std::fs::read_dir(&path).into_iter().flatten().flatten();
-            stack.extend(entries.map(|e| e.path()));
-        } else if let Ok(modified) = meta.modified() {
-            newest = newest.max(Some(modified));
-        }
-    }
-    newest
+    BINARY.get_or_init(|| common::example::example_binary("pipeline", &["serde"]))
 }
 
 // ----- driving one run -----------------------------------------------------------------------

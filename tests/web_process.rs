@@ -12,6 +12,8 @@
 
 #![cfg(all(unix, feature = "web"))]
 
+mod common;
+
 use std::io::{BufRead, BufReader, ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -31,78 +33,10 @@ const SOON: Duration = Duration::from_secs(15);
 
 // ----- locating the example ------------------------------------------------------------------
 
-/// The `web` example binary of the same profile as this test, built if needed.
-///
-/// As in `tests/process.rs`: `cargo test --test web_process` does not build examples, so a
-/// binary that is missing or older than the sources is built once with `cargo build --example
-/// web` in the same profile. It is built with exactly the crate features this test was compiled
-/// with (`web` at least, as the example requires), so that under `cargo test --all-features` the
-/// library already built for the tests is reused rather than compiled again with other features.
+/// The `web` example, built if needed.
 fn web_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test binary's path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test binary lives in target/<profile>/deps");
-        let binary = profile_dir
-            .join("examples")
-            .join(format!("web{}", std::env::consts::EXE_SUFFIX));
-        let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
-        let sources = newest_mtime(&[
-            manifest_dir.join("Cargo.toml"),
-            manifest_dir.join("src"),
-            manifest_dir.join("examples").join("web.rs"),
-        ]);
-        if built.is_none() || built < sources {
-            let mut features = vec!["web"];
-            for (enabled, feature) in [
-                (cfg!(feature = "serde"), "serde"),
-                (cfg!(feature = "systemd"), "systemd"),
-            ] {
-                if enabled {
-                    features.push(feature);
-                }
-            }
-            let cargo = option_env!("CARGO").unwrap_or("cargo");
-            let mut cmd = Command::new(cargo);
-            cmd.current_dir(manifest_dir).args([
-                "build",
-                "--example",
-                "web",
-                "--no-default-features",
-                "--features",
-                &features.join(","),
-            ]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("running cargo build --example web");
-            assert!(status.success(), "cargo build --example web failed");
-        }
-        assert!(binary.exists(), "no example binary at {}", binary.display());
-        binary
-    })
-}
-
-/// The latest modification time of these files and of every file under these directories.
-fn newest_mtime(paths: &[PathBuf]) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    let mut stack = paths.to_vec();
-    while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            let entries = std::fs::read_dir(&path).into_iter().flatten().flatten();
-            stack.extend(entries.map(|e| e.path()));
-        } else if let Ok(modified) = meta.modified() {
-            newest = newest.max(Some(modified));
-        }
-    }
-    newest
+    BINARY.get_or_init(|| common::example::example_binary("web", &["web"]))
 }
 
 // ----- the child's output --------------------------------------------------------------------

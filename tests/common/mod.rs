@@ -1,6 +1,8 @@
 //! A configurable worker that records what happens to it, shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod example;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
