@@ -11,11 +11,11 @@
 #![cfg(unix)]
 
 mod common;
+use common::output::Lines;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -38,51 +38,6 @@ fn pipeline_binary() -> &'static Path {
 }
 
 // ----- driving one run -----------------------------------------------------------------------
-
-/// Lines read so far from one of the child's pipes, and whether the pipe has closed.
-#[derive(Default)]
-struct Lines {
-    lines: Mutex<(Vec<String>, bool)>,
-    changed: Condvar,
-}
-
-impl Lines {
-    /// Reads `pipe` line by line on a background thread until it closes.
-    fn collect(pipe: impl Read + Send + 'static) -> (Arc<Lines>, JoinHandle<()>) {
-        let lines = Arc::new(Lines::default());
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                sink.lines.lock().unwrap().0.push(line);
-                sink.changed.notify_all();
-            }
-            sink.lines.lock().unwrap().1 = true;
-            sink.changed.notify_all();
-        });
-        (lines, reader)
-    }
-
-    /// The first line satisfying `pred`, waiting up to `timeout` for it.
-    fn wait_for(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        let until = Instant::now() + timeout;
-        let mut guard = self.lines.lock().unwrap();
-        loop {
-            if let Some(line) = guard.0.iter().find(|l| pred(l)) {
-                return Some(line.clone());
-            }
-            let now = Instant::now();
-            if guard.1 || now >= until {
-                return None;
-            }
-            guard = self.changed.wait_timeout(guard, until - now).unwrap().0;
-        }
-    }
-
-    fn snapshot(&self) -> Vec<String> {
-        self.lines.lock().unwrap().0.clone()
-    }
-}
 
 /// A running `pipeline` process.
 struct Pipeline {

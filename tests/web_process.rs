@@ -13,12 +13,13 @@
 #![cfg(all(unix, feature = "web"))]
 
 mod common;
+use common::output::Lines;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -40,57 +41,6 @@ fn web_binary() -> &'static Path {
 }
 
 // ----- the child's output --------------------------------------------------------------------
-
-/// Lines read so far from one of the child's pipes, and whether the pipe has closed.
-#[derive(Default)]
-struct Lines {
-    lines: Mutex<(Vec<String>, bool)>,
-    changed: Condvar,
-}
-
-impl Lines {
-    /// Reads `pipe` line by line on a background thread until it closes.
-    fn collect(pipe: impl Read + Send + 'static) -> (Arc<Lines>, JoinHandle<()>) {
-        let lines = Arc::new(Lines::default());
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                sink.lines.lock().unwrap().0.push(line);
-                sink.changed.notify_all();
-            }
-            sink.lines.lock().unwrap().1 = true;
-            sink.changed.notify_all();
-        });
-        (lines, reader)
-    }
-
-    /// Waits up to `timeout` until at least `n` lines satisfy `pred`; returns them.
-    fn wait_for_n(
-        &self,
-        n: usize,
-        timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> Option<Vec<String>> {
-        let until = Instant::now() + timeout;
-        let mut guard = self.lines.lock().unwrap();
-        loop {
-            let found: Vec<String> = guard.0.iter().filter(|l| pred(l)).cloned().collect();
-            if found.len() >= n {
-                return Some(found);
-            }
-            let now = Instant::now();
-            if guard.1 || now >= until {
-                return None;
-            }
-            guard = self.changed.wait_timeout(guard, until - now).unwrap().0;
-        }
-    }
-
-    fn snapshot(&self) -> Vec<String> {
-        self.lines.lock().unwrap().0.clone()
-    }
-}
 
 // ----- one run of the example ----------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod example;
+pub mod output;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
