@@ -81,6 +81,9 @@
 //!   capacity is raised from its default 16 (so `Addr::send` never parks), against the two main
 //!   variants.
 
+mod common;
+use common::median;
+
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -698,16 +701,6 @@ fn env_usize(key: &str, default: usize) -> usize {
 
 fn runs() -> usize {
     env_usize("BENCH_RUNS", 7).clamp(3, 100)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
 }
 
 /// Medians of a variant's rounds.
