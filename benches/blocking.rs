@@ -21,6 +21,9 @@
 //! each figure is the median of `BENCH_RUNS` runs (default 7, at least 5).
 //! `cargo bench --bench blocking -- NAME` runs only the figures whose name contains NAME.
 
+mod common;
+use common::median;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -172,16 +175,6 @@ fn actix_run(n: u64, from_thread: bool) -> f64 {
 }
 
 // ----- reporting ------------------------------------------------------------------------------
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
-}
 
 fn runs() -> usize {
     std::env::var("BENCH_RUNS")

@@ -41,6 +41,9 @@
 //! `cargo bench --bench shutdown -- GROUP` runs one group (`flat`, `deep`, `memory`,
 //! `throughput`, `drain`); `BENCH_RUNS=N` sets the number of measured runs (default 7).
 
+mod common;
+use common::median;
+
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -209,16 +212,6 @@ where
     });
     drop(sys);
     out
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn ms(d: Duration) -> f64 {

@@ -44,7 +44,16 @@
 //! }
 //! ```
 //!
-//! See `ARCHITECTURE.md` for how it works and `examples/pipeline.rs` for a whole service.
+//! # Features
+//!
+//! - `serde` (default): the report serialises to JSON ([`ShutdownReport::to_json`]).
+//! - `web`: an actix-web `HttpServer` as a child of the tree, and `/readyz` + `/livez` for any
+//!   actix-web app (the `web` module).
+//! - `systemd`: `READY=1`, `STOPPING=1` and `STATUS=` progress lines to systemd
+//!   (`TreeBuilder::notify_systemd`); a no-op outside systemd.
+//!
+//! See `ARCHITECTURE.md` for how it works, `examples/pipeline.rs` for a whole service and
+//! `examples/web.rs` for an actix-web app built on a tree.
 
 #![warn(missing_docs)]
 

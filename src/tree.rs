@@ -173,7 +173,7 @@ impl TreeBuilder {
 
     /// A view of the phase of the tree this builder makes, usable before the tree exists: hand
     /// it to the code that answers health checks (for example
-    /// [`web::health`](crate::web::health), mounted in an app that is itself one of the tree's
+    /// `web::health` (feature `web`), mounted in an app that is itself one of the tree's
     /// children). It reads `Starting` until the tree starts.
     pub fn phase_watch(&self) -> PhaseWatch {
         self.cfg.phase.clone()

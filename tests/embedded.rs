@@ -11,13 +11,14 @@
 #![cfg(unix)]
 
 mod common;
+use common::output::Lines;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use actix::prelude::*;
 use actix_supervisor::{
@@ -362,59 +363,6 @@ const PARENT_WAITS: Duration = Duration::from_secs(30);
 const EMBEDDED_MARKER: &str = "tree stopped; waiting for SIGTERM";
 const OWNER_MARKER: &str = "tree running; waiting for SIGTERM";
 
-/// Lines read so far from one of the child's pipes, and whether the pipe has closed.
-#[derive(Default)]
-struct Lines {
-    lines: Mutex<(Vec<String>, bool)>,
-    changed: Condvar,
-}
-
-impl Lines {
-    /// Reads `pipe` line by line on a background thread until it closes.
-    fn collect(pipe: impl Read + Send + 'static) -> Arc<Lines> {
-        let lines = Arc::new(Lines::default());
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                sink.lines.lock().unwrap().0.push(line);
-                sink.changed.notify_all();
-            }
-            sink.lines.lock().unwrap().1 = true;
-            sink.changed.notify_all();
-        });
-        lines
-    }
-
-    /// Waits up to `timeout` for a line containing `needle` (libtest's `test NAME ... ` may come
-    /// first on the line).
-    fn wait_for(&self, timeout: Duration, needle: &str) -> Option<String> {
-        let until = Instant::now() + timeout;
-        let mut guard = self.lines.lock().unwrap();
-        loop {
-            if let Some(line) = guard.0.iter().find(|l| l.contains(needle)) {
-                return Some(line.clone());
-            }
-            let now = Instant::now();
-            if guard.1 || now >= until {
-                return None;
-            }
-            guard = self.changed.wait_timeout(guard, until - now).unwrap().0;
-        }
-    }
-
-    /// Waits (up to `timeout`) for the pipe to close, and returns everything read.
-    fn all(&self, timeout: Duration) -> String {
-        let until = Instant::now() + timeout;
-        let mut guard = self.lines.lock().unwrap();
-        while !guard.1 && Instant::now() < until {
-            let left = until.saturating_duration_since(Instant::now());
-            guard = self.changed.wait_timeout(guard, left).unwrap().0;
-        }
-        guard.0.join("\n")
-    }
-}
-
 /// This test binary, re-executed to run one test in child mode.
 struct ChildRun {
     pid: libc::pid_t,
@@ -438,8 +386,8 @@ impl ChildRun {
             .spawn()
             .expect("re-executing the test binary");
         let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
-        let stdout = Lines::collect(child.stdout.take().unwrap());
-        let stderr = Lines::collect(child.stderr.take().unwrap());
+        let (stdout, _reader) = Lines::collect(child.stdout.take().unwrap());
+        let (stderr, _reader) = Lines::collect(child.stderr.take().unwrap());
         let (tx, status) = mpsc::channel();
         std::thread::spawn(move || {
             if let Ok(s) = child.wait() {
@@ -456,7 +404,11 @@ impl ChildRun {
     }
 
     fn wait_marker(&mut self, marker: &str) {
-        if self.stdout.wait_for(PARENT_WAITS, marker).is_none() {
+        if self
+            .stdout
+            .wait_for(PARENT_WAITS, |l| l.contains(marker))
+            .is_none()
+        {
             self.fail(&format!(
                 "no `{marker}` line: the child ended, or {PARENT_WAITS:?} passed"
             ));
@@ -632,7 +584,9 @@ fn a_tree_owning_the_signals_turns_sigterm_into_a_shutdown_and_an_exit_code() {
         "the tree handled SIGTERM and the process exited with the report's code\n{}",
         child.dump()
     );
-    let report = child.stdout.wait_for(PARENT_WAITS, "report: ");
+    let report = child
+        .stdout
+        .wait_for(PARENT_WAITS, |l| l.contains("report: "));
     assert!(
         report
             .as_deref()

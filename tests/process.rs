@@ -10,10 +10,12 @@
 
 #![cfg(unix)]
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+use common::output::Lines;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,112 +31,13 @@ const READY_WITHIN: Duration = Duration::from_secs(20);
 
 // ----- locating the example ------------------------------------------------------------------
 
-/// The `pipeline` example binary of the same profile as this test, built if needed.
-///
-/// This test runs from `target/<profile>/deps/process-HASH`; the example lives in
-/// `target/<profile>/examples/pipeline`. `cargo test` builds examples, but `cargo test --test
-/// process` does not (it would run a stale one), so a binary that is missing or older than the
-/// sources is built once with `cargo build --example pipeline` in the same profile.
+/// The `pipeline` example, built if needed; `serde` is needed for `--report-json`.
 fn pipeline_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test binary's path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test binary lives in target/<profile>/deps");
-        let binary = profile_dir
-            .join("examples")
-            .join(format!("pipeline{}", std::env::consts::EXE_SUFFIX));
-        let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
-        let sources = newest_mtime(&[
-            manifest_dir.join("Cargo.toml"),
-            manifest_dir.join("src"),
-            manifest_dir.join("examples").join("pipeline.rs"),
-        ]);
-        if built.is_none() || built < sources {
-            let cargo = option_env!("CARGO").unwrap_or("cargo");
-            let mut cmd = Command::new(cargo);
-            cmd.current_dir(manifest_dir)
-                .args(["build", "--example", "pipeline"]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let status = cmd
-                .status()
-                .expect("running cargo build --example pipeline");
-            assert!(status.success(), "cargo build --example pipeline failed");
-        }
-        assert!(binary.exists(), "no example binary at {}", binary.display());
-        binary
-    })
-}
-
-/// The latest modification time of these files and of every file under these directories.
-fn newest_mtime(paths: &[PathBuf]) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    let mut stack = paths.to_vec();
-    while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if meta.is_dir() {
-            let entries = std::fs::read_dir(&path).into_iter().flatten().flatten();
-            stack.extend(entries.map(|e| e.path()));
-        } else if let Ok(modified) = meta.modified() {
-            newest = newest.max(Some(modified));
-        }
-    }
-    newest
+    BINARY.get_or_init(|| common::example::example_binary("pipeline", &["serde"]))
 }
 
 // ----- driving one run -----------------------------------------------------------------------
-
-/// Lines read so far from one of the child's pipes, and whether the pipe has closed.
-#[derive(Default)]
-struct Lines {
-    lines: Mutex<(Vec<String>, bool)>,
-    changed: Condvar,
-}
-
-impl Lines {
-    /// Reads `pipe` line by line on a background thread until it closes.
-    fn collect(pipe: impl Read + Send + 'static) -> (Arc<Lines>, JoinHandle<()>) {
-        let lines = Arc::new(Lines::default());
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                sink.lines.lock().unwrap().0.push(line);
-                sink.changed.notify_all();
-            }
-            sink.lines.lock().unwrap().1 = true;
-            sink.changed.notify_all();
-        });
-        (lines, reader)
-    }
-
-    /// The first line satisfying `pred`, waiting up to `timeout` for it.
-    fn wait_for(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        let until = Instant::now() + timeout;
-        let mut guard = self.lines.lock().unwrap();
-        loop {
-            if let Some(line) = guard.0.iter().find(|l| pred(l)) {
-                return Some(line.clone());
-            }
-            let now = Instant::now();
-            if guard.1 || now >= until {
-                return None;
-            }
-            guard = self.changed.wait_timeout(guard, until - now).unwrap().0;
-        }
-    }
-
-    fn snapshot(&self) -> Vec<String> {
-        self.lines.lock().unwrap().0.clone()
-    }
-}
 
 /// A running `pipeline` process.
 struct Pipeline {

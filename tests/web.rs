@@ -10,7 +10,7 @@ use actix_web::{web, App, HttpResponse};
 
 /// An app with `/sleep?ms=N` (answers after N ms without blocking its thread) and the probes.
 fn spec(name: &str, listener: TcpListener, phase: actix_supervisor::PhaseWatch) -> HttpServerSpec {
-    HttpServerSpec::on_listener(name, listener, move || {
+    HttpServerSpec::new(name, listener, move || {
         App::new().service(health(phase.clone())).route(
             "/sleep",
             web::get().to(

@@ -172,14 +172,18 @@ impl Shared {
         self.phase.phase.store(phase as u8, Ordering::Release);
     }
 
-    /// `Starting` → `Running`, unless a trigger has already moved the phase on.
-    pub(super) fn set_running(&self) {
-        let _ = self.phase.phase.compare_exchange(
-            Phase::Starting as u8,
-            Phase::Running as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+    /// `Starting` → `Running`, unless a trigger has already moved the phase on. True when the
+    /// phase did become `Running`.
+    pub(super) fn set_running(&self) -> bool {
+        self.phase
+            .phase
+            .compare_exchange(
+                Phase::Starting as u8,
+                Phase::Running as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
     }
 
     /// Starts the shutdown unless one was started already. True for the call that started it.

@@ -240,11 +240,11 @@ impl Runtime {
             return;
         };
         // A trigger during the start has already moved the phase on; keep it.
-        self.shared.set_running();
+        let running = self.shared.set_running();
         log::info!(target: LOG, "tree `{}` running", self.shared.name);
         // Only if the phase did become Running: after a trigger during the start, the
-        // observers hear `draining` next, never `running`. (The phase only moves forward.)
-        if !self.cfg.observers.is_empty() && self.shared.phase() == super::Phase::Running {
+        // observers hear `draining` next, never `running`.
+        if running {
             for o in &self.cfg.observers {
                 o.running();
             }

@@ -30,4 +30,4 @@ mod health;
 mod server;
 
 pub use health::health;
-pub use server::{HttpServerSpec, ServerAddrs};
+pub use server::{HttpServerSpec, Listen, ServerAddrs};

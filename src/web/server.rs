@@ -69,9 +69,11 @@ impl fmt::Debug for HttpServerSpec {
 }
 
 impl HttpServerSpec {
-    /// A server listening on `addr` (anything `HttpServer::bind` takes: `"127.0.0.1:8080"`,
-    /// `"localhost:0"`), serving the apps `factory` makes.
-    pub fn new<F, T, B>(name: impl Into<String>, addr: impl Into<String>, factory: F) -> Self
+    /// A server listening on `listen` — an address (anything `HttpServer::bind` takes:
+    /// `"127.0.0.1:8080"`, `"localhost:0"`) or a [`TcpListener`] bound already (a socket handed
+    /// over by systemd, or bound to port 0 by a test; each start serves a duplicate of it, so a
+    /// restart reuses it) — serving the apps `factory` makes.
+    pub fn new<F, T, B>(name: impl Into<String>, listen: impl Into<Listen>, factory: F) -> Self
     where
         F: Fn() -> App<T> + Send + Clone + 'static,
         T: ServiceFactory<
@@ -83,38 +85,10 @@ impl HttpServerSpec {
             > + 'static,
         B: MessageBody + 'static,
     {
-        Self::with_bind(name, Bind::Addr(addr.into()), factory)
-    }
-
-    /// A server on a listener bound already (a socket handed over by systemd, or bound to port
-    /// 0 by a test). Each start serves a duplicate of it (`try_clone`), so a restart reuses it.
-    pub fn on_listener<F, T, B>(name: impl Into<String>, listener: TcpListener, factory: F) -> Self
-    where
-        F: Fn() -> App<T> + Send + Clone + 'static,
-        T: ServiceFactory<
-                ServiceRequest,
-                Config = (),
-                Response = ServiceResponse<B>,
-                Error = actix_web::Error,
-                InitError = (),
-            > + 'static,
-        B: MessageBody + 'static,
-    {
-        Self::with_bind(name, Bind::Listener(Mutex::new(Some(listener))), factory)
-    }
-
-    fn with_bind<F, T, B>(name: impl Into<String>, bind: Bind, factory: F) -> Self
-    where
-        F: Fn() -> App<T> + Send + Clone + 'static,
-        T: ServiceFactory<
-                ServiceRequest,
-                Config = (),
-                Response = ServiceResponse<B>,
-                Error = actix_web::Error,
-                InitError = (),
-            > + 'static,
-        B: MessageBody + 'static,
-    {
+        let bind = match listen.into() {
+            Listen::Addr(addr) => Bind::Addr(addr),
+            Listen::Listener(listener) => Bind::Listener(Mutex::new(Some(listener))),
+        };
         let counter = Arc::new(WorkCounter::default());
         let requests = counter.clone();
         // `HttpServer::new` wants the factory by value on every start; the mutex makes the
@@ -234,6 +208,40 @@ impl ServerAddrs {
     /// The addresses of the latest start.
     pub fn get(&self) -> Vec<SocketAddr> {
         self.0.lock().clone()
+    }
+}
+
+/// Where a server child listens; see [`HttpServerSpec::new`]. Made with `into()` from a
+/// `&str`, a `String`, a `SocketAddr` or a `TcpListener`.
+#[derive(Debug)]
+pub enum Listen {
+    /// An address to bind when the child starts.
+    Addr(String),
+    /// A listener bound already.
+    Listener(TcpListener),
+}
+
+impl From<&str> for Listen {
+    fn from(addr: &str) -> Self {
+        Listen::Addr(addr.to_owned())
+    }
+}
+
+impl From<String> for Listen {
+    fn from(addr: String) -> Self {
+        Listen::Addr(addr)
+    }
+}
+
+impl From<SocketAddr> for Listen {
+    fn from(addr: SocketAddr) -> Self {
+        Listen::Addr(addr.to_string())
+    }
+}
+
+impl From<TcpListener> for Listen {
+    fn from(listener: TcpListener) -> Self {
+        Listen::Listener(listener)
     }
 }
 

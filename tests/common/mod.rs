@@ -1,6 +1,10 @@
 //! A configurable worker that records what happens to it, shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod broker;
+pub mod example;
+pub mod output;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
