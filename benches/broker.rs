@@ -72,7 +72,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, Packet, PubAck, Publish, Subscribe, SubscribeFilter, SubscribeReasonCode,
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeFilter,
+    SubscribeReasonCode,
 };
 use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -257,9 +258,10 @@ fn collect<R: std::io::Read + Send + 'static>(
     });
 }
 
-fn spawn_collected(
-    mut cmd: Command,
-) -> std::io::Result<(Child, Arc<Mutex<Vec<String>>>, mpsc::Receiver<String>)> {
+/// Lines a process printed, shared with the threads that read them.
+type Lines = Arc<Mutex<Vec<String>>>;
+
+fn spawn_collected(mut cmd: Command) -> std::io::Result<(Child, Lines, mpsc::Receiver<String>)> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn()?;
     let lines = Arc::new(Mutex::new(Vec::new()));
@@ -553,11 +555,10 @@ async fn connect(addr: SocketAddr, id: &str) -> std::io::Result<(TcpStream, Byte
     write_packet(&mut stream, &Packet::Connect(connect)).await?;
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     match read_packet(&mut stream, &mut buf).await? {
-        Packet::ConnAck(ConnAck { code, .. })
-            if code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success =>
-        {
-            Ok((stream, buf))
-        }
+        Packet::ConnAck(ConnAck {
+            code: ConnectReturnCode::Success,
+            ..
+        }) => Ok((stream, buf)),
         other => Err(std::io::Error::other(format!(
             "{id}: expected a successful CONNACK, got {other:?}"
         ))),
@@ -627,12 +628,18 @@ async fn publisher(
         if loading && Instant::now() >= stop_at {
             loading = false;
         }
-        if loading && out.is_empty() {
-            let room = if qos1 {
-                settings.qos1_window - inflight
-            } else {
-                settings.batch
-            };
+        // At QoS 1 a batch waits until a whole batch fits in the window (or nothing is in
+        // flight), so that acknowledgements trickling in one by one do not turn into one small
+        // write each.
+        let room = if qos1 {
+            settings.qos1_window - inflight
+        } else {
+            settings.batch
+        };
+        if loading
+            && out.is_empty()
+            && (room >= settings.batch.min(settings.qos1_window) || inflight == 0)
+        {
             for _ in 0..room.min(settings.batch) {
                 let seq = r.sent;
                 let mut publish = Publish::from_bytes(topic.as_str(), qos, payload(index, seq));
@@ -750,6 +757,7 @@ async fn subscriber(
         received: vec![Vec::new(); publishers],
         ..SubResult::default()
     };
+    let topics: Vec<String> = (0..publishers).map(topic).collect();
     let window_start = nanos_since_base(clock.window_start);
     let window_end = nanos_since_base(clock.window_end);
     let mut out = BytesMut::with_capacity(64 * 1024);
@@ -804,7 +812,7 @@ async fn subscriber(
                         let sent = body.get_u64();
                         let from = body.get_u32() as usize;
                         let seq = body.get_u64() as usize;
-                        if from >= publishers || p.topic != topic(from) {
+                        if from >= publishers || p.topic != topics[from] {
                             r.malformed += 1;
                             continue;
                         }
@@ -1144,7 +1152,7 @@ fn fmt_rate(v: f64) -> String {
         let s = v.to_string();
         let mut out = String::new();
         for (i, c) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i) % 3 == 0 {
+            if i > 0 && (s.len() - i).is_multiple_of(3) {
                 out.push(',');
             }
             out.push(c);
