@@ -827,7 +827,11 @@ impl State {
 
     /// Decides, for new queue entries (`(client, qos)`, in order), which are kept and which
     /// queued QoS 0 entries go to make room.
-    fn make_room(&self, wanted: &[(&str, Qos)], cap: &dyn Fn(&str) -> usize) -> Result<Room, Rejection> {
+    fn make_room(
+        &self,
+        wanted: &[(&str, Qos)],
+        cap: &dyn Fn(&str) -> usize,
+    ) -> Result<Room, Rejection> {
         let mut keep = vec![true; wanted.len()];
         let mut drops = Vec::new();
         let mut dropped = Vec::new();
@@ -1027,6 +1031,8 @@ pub struct StoreStats {
     pub dropped_qos0: AtomicU64,
     /// QoS 1/2 messages not queued for an offline session whose queue was full.
     pub dropped_full: AtomicU64,
+    /// Messages owed to persistent sessions (queued or unacknowledged) when the store closed.
+    pub owed_at_close: AtomicU64,
     /// Bytes cut from a torn or corrupt tail at open.
     pub skipped_bytes: AtomicU64,
 }
@@ -1297,7 +1303,13 @@ impl Store {
     fn admit(&self, op: Op) -> Result<Admitted, Rejection> {
         let max = self.config.max_queued;
         let online = &self.online;
-        let cap = |client: &str| if online.contains(client) { usize::MAX } else { max };
+        let cap = |client: &str| {
+            if online.contains(client) {
+                usize::MAX
+            } else {
+                max
+            }
+        };
         match self.state.admit_with(op.clone(), &cap) {
             Err(Rejection::Full { clients }) => {
                 let left_out = |client: &str| clients.iter().any(|c| c == client);
@@ -1307,7 +1319,12 @@ impl Store {
                         to: to.into_iter().filter(|d| !left_out(&d.client)).collect(),
                     },
                     // An enqueue has one recipient: the full one.
-                    _ => return Ok(Admitted { ops: Vec::new(), dropped: Vec::new() }),
+                    _ => {
+                        return Ok(Admitted {
+                            ops: Vec::new(),
+                            dropped: Vec::new(),
+                        })
+                    }
                 };
                 let admitted = self.state.admit_with(op, &cap)?;
                 for client in &clients {
@@ -1770,6 +1787,14 @@ impl BlockingWorker for StoreWorker {
         // Everything accepted has been handled: make it durable, answer it, close the log.
         self.flush();
         if let Some(store) = self.store.take() {
+            let owed: usize = store
+                .state()
+                .sessions()
+                .map(|(_, s)| s.queue().len() + s.unacked().len())
+                .sum();
+            self.stats
+                .owed_at_close
+                .store(owed as u64, Ordering::Relaxed);
             let path = store.path().display().to_string();
             let fsyncs = StoreStats::get(&self.stats.fsyncs);
             match store.close() {
@@ -1849,6 +1874,11 @@ impl StoreClient {
 
     pub fn stats(&self) -> &StoreStats {
         &self.stats
+    }
+
+    /// The counters, to read after the store is gone.
+    pub fn stats_handle(&self) -> Arc<StoreStats> {
+        self.stats.clone()
     }
 
     fn send(&self, request: StoreRequest) {

@@ -99,8 +99,10 @@ impl Broker {
             }
         }
         full.extend(args.iter().map(|s| s.to_string()));
-        cmd.args(&full)
-            .env("RUST_LOG", std::env::var("BROKER_LOG").unwrap_or("info".into()));
+        cmd.args(&full).env(
+            "RUST_LOG",
+            std::env::var("BROKER_LOG").unwrap_or("info".into()),
+        );
         Broker::spawn(cmd, true)
     }
 

@@ -659,13 +659,21 @@ fn a_full_offline_session_is_left_out_and_a_connected_one_has_no_cap() {
     let mut store = Store::open(config, stats.clone()).unwrap();
     commit_all(
         &mut store,
-        vec![open("a"), open("b"), publish_to(1, 1, &[("a", 1), ("b", 1)])],
+        vec![
+            open("a"),
+            open("b"),
+            publish_to(1, 1, &[("a", 1), ("b", 1)]),
+        ],
     );
     // a is offline and full of QoS 1: the next message goes to b only, and the drop is counted.
     store.set_online("b", true);
     commit_all(&mut store, vec![publish_to(2, 1, &[("a", 1), ("b", 1)])]);
     assert_eq!(queue_ids(store.state(), "a"), vec![1]);
-    assert_eq!(queue_ids(store.state(), "b"), vec![1, 2], "b is connected: no cap");
+    assert_eq!(
+        queue_ids(store.state(), "b"),
+        vec![1, 2],
+        "b is connected: no cap"
+    );
     assert_eq!(StoreStats::get(&stats.dropped_full), 1);
     // Gone offline, b is capped again (it keeps what it has).
     store.set_online("b", false);
