@@ -287,7 +287,8 @@ impl Router {
                     congested.push(outbox);
                 }
             }
-            if qos == 2 && from_persistent {
+            // (A will has no packet id: nobody sends it again.)
+            if qos == 2 && from_persistent && pkid != 0 {
                 // Recorded with the publication, so a PUBLISH sent again after a crash is not
                 // routed twice.
                 ops.push(Op::InboundReceived {
