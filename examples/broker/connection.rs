@@ -216,11 +216,22 @@ impl Conn {
                 }
                 Err(e) => return Err(violation(format!("bad CONNECT: {e}"))),
             }
-            match tokio::time::timeout_at(until, self.read_more()).await {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) => return Err(End::Abnormal("closed before CONNECT".into())),
-                Ok(Err(e)) => return Err(End::Abnormal(format!("read: {e}"))),
-                Err(_) => return Err(violation("no CONNECT within 10 s".into())),
+            let Conn {
+                reader,
+                input,
+                mailbox,
+                ..
+            } = self;
+            tokio::select! {
+                more = tokio::time::timeout_at(until, read_into(reader, input)) => match more {
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => return Err(End::Abnormal("closed before CONNECT".into())),
+                    Ok(Err(e)) => return Err(End::Abnormal(format!("read: {e}"))),
+                    Err(_) => return Err(violation("no CONNECT within 10 s".into())),
+                },
+                // The broker is stopping (nothing else is sent to a connection without a client
+                // id): a client that has not even connected is not waited for.
+                _ = mailbox.recv() => return Err(End::Shutdown),
             }
         };
         if connect.protocol != Protocol::V4 {
@@ -341,7 +352,10 @@ impl Conn {
                 }
             }
             if let Some(deadline) = self.closing {
-                let idle = self.pending.is_empty() && self.outgoing.is_empty();
+                // Idle: nothing to send, nothing in flight either way (the acknowledgements for
+                // what the client published are sent once the router answers).
+                let idle =
+                    self.pending.is_empty() && self.outgoing.is_empty() && self.answers.is_empty();
                 if (idle && self.out.is_empty()) || Instant::now() >= deadline {
                     return End::Shutdown;
                 }
@@ -411,11 +425,6 @@ impl Conn {
                 Event::Deadline => return End::Shutdown,
             }
         }
-    }
-
-    /// Reads what the socket has; `Ok(false)` at its end.
-    async fn read_more(&mut self) -> std::io::Result<bool> {
-        read_into(&mut self.reader, &mut self.input).await
     }
 
     fn on_mail(&mut self, msg: ToConn) -> Option<End> {
