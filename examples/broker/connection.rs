@@ -106,6 +106,7 @@ enum End {
 type Answer = Pin<Box<dyn Future<Output = Result<(), RouteError>>>>;
 
 /// Acknowledgements owed once an answer comes.
+#[allow(clippy::enum_variant_names)] // MQTT's packet names
 enum Ack {
     PubAck(PacketId),
     PubRec(PacketId),
@@ -749,7 +750,7 @@ impl Conn {
     fn send_ops(&mut self) {
         if !self.ops.is_empty() {
             // Not awaited: these only record progress; the store takes them in order.
-            let _ = self.shared.store.commit(std::mem::take(&mut self.ops));
+            drop(self.shared.store.commit(std::mem::take(&mut self.ops)));
         }
     }
 

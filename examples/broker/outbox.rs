@@ -135,6 +135,7 @@ impl Outbox {
 
 /// An outbound packet id in use, and what it is waiting for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // MQTT's packet names
 pub enum Awaiting {
     /// QoS 1 sent: PUBACK.
     PubAck,
