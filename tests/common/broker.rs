@@ -99,10 +99,11 @@ impl Broker {
             }
         }
         full.extend(args.iter().map(|s| s.to_string()));
-        cmd.args(&full).env(
-            "RUST_LOG",
-            std::env::var("BROKER_LOG").unwrap_or("info".into()),
-        );
+        cmd.args(&full).env_remove("RUST_LOG");
+        // The broker's own default is INFO, with one `listening on` line; BROKER_LOG overrides.
+        if let Ok(filter) = std::env::var("BROKER_LOG") {
+            cmd.env("RUST_LOG", filter);
+        }
         Broker::spawn(cmd, true)
     }
 
