@@ -329,10 +329,12 @@ fn start_ours(binary: &Path) -> Result<BrokerProcess, String> {
         "--data-dir",
     ])
     .arg(&dir)
-    .env(
-        "RUST_LOG",
-        std::env::var("BROKER_LOG").unwrap_or_else(|_| "info".into()),
-    );
+    .env_remove("RUST_LOG");
+    // The broker's own log filter (INFO, and only its own `listening on` line, not actix-web's);
+    // BROKER_LOG overrides it.
+    if let Ok(filter) = std::env::var("BROKER_LOG") {
+        cmd.env("RUST_LOG", filter);
+    }
     let (mut child, lines, rx) =
         spawn_collected(cmd).map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
     let until = Instant::now() + SETUP_TIMEOUT;
