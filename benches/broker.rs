@@ -459,6 +459,31 @@ fn own_cpu() -> Duration {
     proc_cpu("/proc/self/stat")
 }
 
+/// CPU time every process on the machine has used (all cores; `/proc/stat`, not idle or
+/// iowait).
+fn machine_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return Duration::ZERO;
+    };
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(busy * 1_000_000_000 / hz)
+}
+
 // ----- one measurement --------------------------------------------------------------------------
 
 /// The clock the payload timestamps are taken on.
@@ -515,6 +540,7 @@ struct Sample {
     drain: Duration,
     broker_cpu: f64,
     gen_cpu: f64,
+    other_cpu: f64,
     errors: Vec<String>,
     /// mosquitto's "Outgoing messages are being dropped" lines.
     drop_warnings: usize,
@@ -971,12 +997,17 @@ async fn load(
 
     // CPU over the measured window.
     tokio::time::sleep_until(tokio::time::Instant::from_std(clock.window_start)).await;
-    let (b0, g0, t0) = (cpu(), own_cpu(), Instant::now());
+    let (b0, g0, m0, t0) = (cpu(), own_cpu(), machine_cpu(), Instant::now());
     tokio::time::sleep_until(tokio::time::Instant::from_std(clock.window_end)).await;
-    let (b1, g1, t1) = (cpu(), own_cpu(), Instant::now());
+    let (b1, g1, m1, t1) = (cpu(), own_cpu(), machine_cpu(), Instant::now());
     let secs = (t1 - t0).as_secs_f64();
     sample.broker_cpu = (b1 - b0).as_secs_f64() / secs * 100.0;
     sample.gen_cpu = g1.saturating_sub(g0).as_secs_f64() / secs * 100.0;
+    // What the rest of the machine took meanwhile (other processes; the kernel's interrupt
+    // work): noise, when it is more than a few %.
+    sample.other_cpu =
+        (m1.saturating_sub(m0).as_secs_f64() / secs * 100.0 - sample.broker_cpu - sample.gen_cpu)
+            .max(0.0);
 
     let mut pub_results = Vec::new();
     for t in pub_tasks {
@@ -1122,6 +1153,7 @@ struct Summary {
     lost: u64,
     broker_cpu: f64,
     gen_cpu: f64,
+    other_cpu: f64,
     drain_max: Duration,
     drop_warnings: usize,
 }
@@ -1141,6 +1173,7 @@ fn summarise(samples: &[Sample]) -> Summary {
         lost: samples.iter().map(|s| s.lost).sum(),
         broker_cpu: m(|s| s.broker_cpu),
         gen_cpu: m(|s| s.gen_cpu),
+        other_cpu: m(|s| s.other_cpu),
         drain_max: samples.iter().map(|s| s.drain).max().unwrap_or_default(),
         drop_warnings: samples.iter().map(|s| s.drop_warnings).sum(),
     }
@@ -1293,7 +1326,7 @@ fn main() {
                 let s = measure(&rt, kinds[k], &ours, shape, &settings);
                 println!(
                     "  {:<10} {:<9} round {}: {:>9} msgs/s  p50 {:>7}  p99 {:>7}  sent {} acked {} \
-                     delivered {}/{} dup {} lost {}  drain {:.1}s  cpu broker {:.0}% generator {:.0}%{}",
+                     delivered {}/{} dup {} lost {}  drain {:.1}s  cpu broker {:.0}% generator {:.0}% other {:.0}%{}",
                     shape.name(),
                     kinds[k].label(),
                     round + 1,
@@ -1309,6 +1342,7 @@ fn main() {
                     s.drain.as_secs_f64(),
                     s.broker_cpu,
                     s.gen_cpu,
+                    s.other_cpu,
                     if s.drop_warnings > 0 {
                         format!("  ({} 'Outgoing messages are being dropped' lines)", s.drop_warnings)
                     } else {
@@ -1362,13 +1396,18 @@ fn main() {
     }
     println!();
     println!(
+        "cpu: in % of one core over the measured window (the machine has {} in all): the broker \
+         process, this process (the generator), and everything else on the machine (noise)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()) * 100
+    );
+    println!(
         "lost: QoS 1 = PUBACKed but never delivered to a subscriber that should get it, summed over \
          the rounds (in % of the deliveries owed); QoS 0 = dlv: delivered / (sent x subscribers)."
     );
     for (shape, sums) in &rows {
         for (k, s) in kinds.iter().zip(sums) {
             println!(
-                "info: {} {}: sent {} acked {} delivered {}/{} duplicates {} lost {}  cpu broker {:.0}% generator {:.0}% (of one core, medians)  longest drain {:.1}s{}",
+                "info: {} {}: sent {} acked {} delivered {}/{} duplicates {} lost {}  cpu broker {:.0}% generator {:.0}% other {:.0}% (of one core, medians)  longest drain {:.1}s{}",
                 shape.name(),
                 k.label(),
                 s.sent,
@@ -1379,6 +1418,7 @@ fn main() {
                 s.lost,
                 s.broker_cpu,
                 s.gen_cpu,
+                s.other_cpu,
                 s.drain_max.as_secs_f64(),
                 if s.drop_warnings > 0 {
                     format!("  mosquitto logged 'Outgoing messages are being dropped' {} times", s.drop_warnings)
