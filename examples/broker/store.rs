@@ -22,10 +22,12 @@
 //! to displace is itself dropped. Each drop is counted ([`StoreStats::dropped_qos0`]) and logged
 //! (WARN when a session's running count reaches 1, 2, 4, 8, …, so an overloaded session cannot
 //! flood the log; every drop at DEBUG). A queue full of QoS ≥ 1 entries is never trimmed: those
-//! messages were acknowledged to their publishers. A new QoS ≥ 1 message for it is rejected
-//! whole — no recipient gets it, nothing is written — and the rejection names the full sessions,
-//! so the broker can apply back-pressure (not acknowledge, stop reading that publisher, retry
-//! when the sessions have drained) or decide to leave those recipients out.
+//! messages were acknowledged to their publishers. [`State::admit`] rejects a new QoS ≥ 1 message
+//! for it as [`Rejection::Full`], naming the full sessions; the [`Store`] then queues the message
+//! for everyone else and leaves those sessions out (counted in [`StoreStats::dropped_full`],
+//! WARN). The cap is for *offline* sessions: a connected one ([`StoreClient::set_online`]) has
+//! none, because the broker bounds its queue by flow control instead (it stops reading the
+//! publishers' sockets), and an entry it was handed must stay until acknowledged.
 //!
 //! **File format** (`<data dir>/store.log`, all integers little-endian):
 //!
@@ -78,7 +80,7 @@
 //! disk, so it refuses every later request with the error, and the broker decides (normally:
 //! shut down; a restart recovers from what is on disk).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::future::Future;
@@ -767,12 +769,19 @@ impl State {
     /// (`DropQueued` ops before them, fewer recipients in them) or be rejected as
     /// [`Rejection::Full`]; every other op passes as it is. Changes nothing itself.
     pub fn admit(&self, op: Op, max_queued: usize) -> Result<Admitted, Rejection> {
+        self.admit_with(op, &|_| max_queued)
+    }
+
+    /// [`admit`](Self::admit) with a cap per session: `cap(client)` entries. The broker gives a
+    /// connected session no cap: its queue is bounded by flow control (the broker stops reading
+    /// publishers), and what it was sent must stay queued until it is acknowledged.
+    pub fn admit_with(&self, op: Op, cap: &dyn Fn(&str) -> usize) -> Result<Admitted, Rejection> {
         self.check(&op).map_err(Rejection::Invalid)?;
         match op {
             Op::Publish { msg, to } => {
                 let wanted: Vec<(&str, Qos)> =
                     to.iter().map(|d| (d.client.as_str(), d.qos)).collect();
-                let room = self.make_room(&wanted, max_queued)?;
+                let room = self.make_room(&wanted, cap)?;
                 let to: Vec<Delivery> = to
                     .into_iter()
                     .zip(&room.keep)
@@ -794,7 +803,7 @@ impl State {
                 qos,
                 retain,
             } => {
-                let room = self.make_room(&[(client.as_str(), qos)], max_queued)?;
+                let room = self.make_room(&[(client.as_str(), qos)], cap)?;
                 let mut ops = room.drops;
                 if room.keep[0] {
                     ops.push(Op::Enqueue {
@@ -818,7 +827,11 @@ impl State {
 
     /// Decides, for new queue entries (`(client, qos)`, in order), which are kept and which
     /// queued QoS 0 entries go to make room.
-    fn make_room(&self, wanted: &[(&str, Qos)], max_queued: usize) -> Result<Room, Rejection> {
+    fn make_room(
+        &self,
+        wanted: &[(&str, Qos)],
+        cap: &dyn Fn(&str) -> usize,
+    ) -> Result<Room, Rejection> {
         let mut keep = vec![true; wanted.len()];
         let mut drops = Vec::new();
         let mut dropped = Vec::new();
@@ -831,6 +844,7 @@ impl State {
             let Some(session) = self.sessions.get(client) else {
                 continue; // `check` rejected the op already
             };
+            let max_queued = cap(client);
             let mut len = session.queue.len();
             // Candidates for dropping, oldest first: QoS 0 entries already queued, then the new
             // QoS 0 entries kept so far.
@@ -1015,6 +1029,10 @@ pub struct StoreStats {
     pub compactions: AtomicU64,
     /// QoS 0 messages dropped from full queues.
     pub dropped_qos0: AtomicU64,
+    /// QoS 1/2 messages not queued for an offline session whose queue was full.
+    pub dropped_full: AtomicU64,
+    /// Messages owed to persistent sessions (queued or unacknowledged) when the store closed.
+    pub owed_at_close: AtomicU64,
     /// Bytes cut from a torn or corrupt tail at open.
     pub skipped_bytes: AtomicU64,
 }
@@ -1060,6 +1078,9 @@ pub struct Store {
     base: u64,
     /// QoS 0 messages dropped per session since the store opened (for the log lines).
     drops: HashMap<String, u64>,
+    /// Sessions with a connection now: no cap for them (see [`State::admit_with`]). Not logged:
+    /// after a restart nobody is connected.
+    online: HashSet<String>,
     stats: Arc<StoreStats>,
     poisoned: Option<Arc<StoreError>>,
 }
@@ -1162,6 +1183,7 @@ impl Store {
             staged: Vec::new(),
             base: replayed.valid_len,
             drops: HashMap::new(),
+            online: HashSet::new(),
             stats,
             poisoned: None,
             config,
@@ -1230,7 +1252,7 @@ impl Store {
         let mut commit = Commit::default();
         let mut effects = Vec::with_capacity(ops.len());
         for (index, op) in ops.into_iter().enumerate() {
-            let admitted = match self.state.admit(op, self.config.max_queued) {
+            let admitted = match self.admit(op) {
                 Ok(admitted) => admitted,
                 Err(reason) => {
                     commit.rejected = Some(Rejected { index, reason });
@@ -1261,6 +1283,62 @@ impl Store {
             self.stats.records.fetch_add(1, Ordering::Relaxed);
         }
         Ok(commit)
+    }
+
+    /// Marks a session connected (no cap on its queue) or not. Requests are handled in order, so
+    /// this applies to every commit the broker sends after it.
+    pub fn set_online(&mut self, client: &str, online: bool) {
+        if online {
+            self.online.insert(client.to_owned());
+        } else {
+            self.online.remove(client);
+        }
+    }
+
+    /// [`State::admit_with`] under the broker's policy: connected sessions have no cap, offline
+    /// ones `max_queued`; an offline session whose queue is full of QoS ≥ 1 entries does not get
+    /// the new message (counted in [`StoreStats::dropped_full`], WARN) and the others still do.
+    /// Holding the publisher back for a session that may never come back would stop every
+    /// publisher on its topics; the cap is the operator's bound on what one absent client costs.
+    fn admit(&self, op: Op) -> Result<Admitted, Rejection> {
+        let max = self.config.max_queued;
+        let online = &self.online;
+        let cap = |client: &str| {
+            if online.contains(client) {
+                usize::MAX
+            } else {
+                max
+            }
+        };
+        match self.state.admit_with(op.clone(), &cap) {
+            Err(Rejection::Full { clients }) => {
+                let left_out = |client: &str| clients.iter().any(|c| c == client);
+                let op = match op {
+                    Op::Publish { msg, to } => Op::Publish {
+                        msg,
+                        to: to.into_iter().filter(|d| !left_out(&d.client)).collect(),
+                    },
+                    // An enqueue has one recipient: the full one.
+                    _ => {
+                        return Ok(Admitted {
+                            ops: Vec::new(),
+                            dropped: Vec::new(),
+                        })
+                    }
+                };
+                let admitted = self.state.admit_with(op, &cap)?;
+                for client in &clients {
+                    self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                    log::warn!(
+                        target: LOG,
+                        "session `{client}` is offline with {max} QoS 1/2 messages queued (the \
+                         cap): a new message for it is not queued"
+                    );
+                }
+                Ok(admitted)
+            }
+            other => other,
+        }
     }
 
     fn note_drops(&mut self, client: &str, count: usize) {
@@ -1588,6 +1666,8 @@ pub enum StoreRequest {
     },
     /// Run this on the state, after syncing what is staged (so it sees only durable state).
     Read(ReadFn),
+    /// A persistent session connected or went away (see [`Store::set_online`]).
+    Presence { client: String, online: bool },
 }
 
 /// A read: run on the store's thread with the state (or why there is none).
@@ -1676,6 +1756,7 @@ impl BlockingWorker for StoreWorker {
                     let _ = reply.send(Err(StoreError::Closed));
                 }
                 StoreRequest::Read(read) => read(Err(StoreError::Closed)),
+                StoreRequest::Presence { .. } => {}
             }
             return;
         };
@@ -1686,6 +1767,7 @@ impl BlockingWorker for StoreWorker {
                     let _ = reply.send(Err(e));
                 }
             },
+            StoreRequest::Presence { client, online } => store.set_online(&client, online),
             StoreRequest::Read(read) => {
                 self.flush();
                 if let Some(store) = &self.store {
@@ -1705,6 +1787,14 @@ impl BlockingWorker for StoreWorker {
         // Everything accepted has been handled: make it durable, answer it, close the log.
         self.flush();
         if let Some(store) = self.store.take() {
+            let owed: usize = store
+                .state()
+                .sessions()
+                .map(|(_, s)| s.queue().len() + s.unacked().len())
+                .sum();
+            self.stats
+                .owed_at_close
+                .store(owed as u64, Ordering::Relaxed);
             let path = store.path().display().to_string();
             let fsyncs = StoreStats::get(&self.stats.fsyncs);
             match store.close() {
@@ -1773,8 +1863,22 @@ impl StoreClient {
         Reply(rx)
     }
 
+    /// Tells the store a persistent session connected (`true`) or went away: a connected one has
+    /// no cap on its queue. In order with the commits around it.
+    pub fn set_online(&self, client: &str, online: bool) {
+        self.send(StoreRequest::Presence {
+            client: client.to_owned(),
+            online,
+        });
+    }
+
     pub fn stats(&self) -> &StoreStats {
         &self.stats
+    }
+
+    /// The counters, to read after the store is gone.
+    pub fn stats_handle(&self) -> Arc<StoreStats> {
+        self.stats.clone()
     }
 
     fn send(&self, request: StoreRequest) {

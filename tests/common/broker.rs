@@ -99,10 +99,11 @@ impl Broker {
             }
         }
         full.extend(args.iter().map(|s| s.to_string()));
-        cmd.args(&full).env(
-            "RUST_LOG",
-            std::env::var("BROKER_LOG").unwrap_or("info".into()),
-        );
+        cmd.args(&full).env_remove("RUST_LOG");
+        // The broker's own default is INFO, with one `listening on` line; BROKER_LOG overrides.
+        if let Ok(filter) = std::env::var("BROKER_LOG") {
+            cmd.env("RUST_LOG", filter);
+        }
         Broker::spawn(cmd, true)
     }
 
@@ -251,7 +252,11 @@ impl Drop for Broker {
 /// is killed) and everything it printed.
 pub fn run_ours(args: &[&str], timeout: Duration) -> (Option<ExitStatus>, String) {
     let mut cmd = Command::new(example_binary("broker", &["web"]));
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args).env_remove("RUST_LOG");
+    if let Ok(filter) = std::env::var("BROKER_LOG") {
+        cmd.env("RUST_LOG", filter);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("start the broker");
     let (lines, _) = Lines::collect_merged(
         child.stdout.take().expect("stdout"),

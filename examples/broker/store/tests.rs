@@ -622,43 +622,64 @@ fn a_queue_full_of_qos1_entries_reports_full_and_nothing_is_applied() {
 #[test]
 fn a_commit_applies_ops_up_to_the_first_rejected_one() {
     let dir = TempDir::new("prefix");
-    let mut config = dir.config();
-    config.max_queued = 1;
+    let config = dir.config();
     let mut store = Store::open(config.clone(), Arc::default()).unwrap();
     commit_all(&mut store, vec![open("a"), publish_to(1, 1, &[("a", 1)])]);
     let commit = store
         .commit(vec![
             subscribe("a", "first", 1),
-            publish_to(2, 1, &[("a", 1)]),
+            sent("nobody", 1, 1),
             subscribe("a", "never", 1),
         ])
         .unwrap();
     assert_eq!(commit.applied, 1);
-    let full = Rejection::Full {
-        clients: vec!["a".to_owned()],
-    };
     assert_eq!(
         commit.rejected,
         Some(Rejected {
             index: 1,
-            reason: full
+            reason: Rejection::Invalid(ApplyError::UnknownSession("nobody".to_owned()))
         })
     );
     store.sync().unwrap();
     let expected = store.state().clone();
-    assert!(expected
-        .session("a")
-        .unwrap()
-        .subscriptions()
-        .contains_key("first"));
-    assert!(!expected
-        .session("a")
-        .unwrap()
-        .subscriptions()
-        .contains_key("never"));
+    let subscriptions = expected.session("a").unwrap().subscriptions().clone();
+    assert!(subscriptions.contains_key("first"));
+    assert!(!subscriptions.contains_key("never"));
     drop(store);
     let reopened = Store::open(config, Arc::default()).unwrap();
     assert_eq!(reopened.state(), &expected);
+}
+
+#[test]
+fn a_full_offline_session_is_left_out_and_a_connected_one_has_no_cap() {
+    let dir = TempDir::new("full");
+    let mut config = dir.config();
+    config.max_queued = 1;
+    let stats = Arc::new(StoreStats::default());
+    let mut store = Store::open(config, stats.clone()).unwrap();
+    commit_all(
+        &mut store,
+        vec![
+            open("a"),
+            open("b"),
+            publish_to(1, 1, &[("a", 1), ("b", 1)]),
+        ],
+    );
+    // a is offline and full of QoS 1: the next message goes to b only, and the drop is counted.
+    store.set_online("b", true);
+    commit_all(&mut store, vec![publish_to(2, 1, &[("a", 1), ("b", 1)])]);
+    assert_eq!(queue_ids(store.state(), "a"), vec![1]);
+    assert_eq!(
+        queue_ids(store.state(), "b"),
+        vec![1, 2],
+        "b is connected: no cap"
+    );
+    assert_eq!(StoreStats::get(&stats.dropped_full), 1);
+    // Gone offline, b is capped again (it keeps what it has).
+    store.set_online("b", false);
+    commit_all(&mut store, vec![publish_to(3, 1, &[("b", 1)])]);
+    assert_eq!(queue_ids(store.state(), "b"), vec![1, 2]);
+    assert_eq!(StoreStats::get(&stats.dropped_full), 2);
 }
 
 #[test]

@@ -1,0 +1,64 @@
+//! The broker's command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "broker",
+    about = "An MQTT 3.1.1 broker built as a supervision tree; SIGTERM drains it without losing \
+             a message"
+)]
+pub struct Args {
+    /// Where MQTT clients connect (port 0: any free port; the one chosen is logged). Loopback by
+    /// default, like mosquitto 2.0 without a configuration.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub bind: String,
+
+    /// Where the persistent sessions and retained messages are kept (created if missing).
+    #[arg(long, default_value = "./broker-data")]
+    pub data_dir: PathBuf,
+
+    /// Where `/readyz` and `/livez` are served.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub health: String,
+
+    /// The whole drain's budget after SIGTERM (`30s`, `500ms`, `2m`).
+    #[arg(long, default_value = "30s")]
+    pub shutdown_timeout: Budget,
+
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// The largest packet taken from a client, in bytes; a bigger one closes its connection.
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(2..=268_435_460))]
+    pub max_packet_size: u64,
+
+    /// QoS 1 and 2 messages sent to a client and not acknowledged yet, at most.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=65_535))]
+    pub max_inflight: u64,
+
+    /// Messages queued for an offline persistent session, at most: when full, its oldest QoS 0
+    /// messages go first; a QoS 1/2 message that finds no room is not queued for it (logged).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queued: u64,
+}
+
+/// A duration on the command line, parsed by humantime (`30s`, `1m 30s`, `500ms`); not zero.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget(pub Duration);
+
+impl std::str::FromStr for Budget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match humantime::parse_duration(s) {
+            Ok(d) if d.is_zero() => Err("must be more than zero".to_owned()),
+            Ok(d) => Ok(Budget(d)),
+            Err(e) => Err(format!("{e} (write it like 30s, 500ms or 2m)")),
+        }
+    }
+}

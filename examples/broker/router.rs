@@ -1,0 +1,648 @@
+//! The router: who is connected, who subscribes to what, the retained messages, and where each
+//! publication goes.
+//!
+//! One actor owns all of it, so routing needs no locks and every decision is made in one order.
+//! That order is also the store's: the router sends a publication's ops to the store *before* it
+//! hands the message to connected subscribers, and a connection logs what it does with a stored
+//! message (`Sent`, `Completed`) only after it got it, so the store always sees a message queued
+//! before it sees it sent. The store is the truth for persistent sessions; the router keeps in
+//! memory only what it needs to route (their subscriptions) and what clean sessions have.
+//!
+//! **Acknowledging publishers.** [`Route`] answers once the publications are durable for every
+//! persistent session that gets them (the store's group commit), and once no connected subscriber
+//! they went to is above its high-water mark (see [`crate::outbox`]): the publisher's connection
+//! sends PUBACK / PUBREC only then, and stops reading its socket while answers are outstanding.
+//!
+//! **Takeover.** A CONNECT for a client id that is connected closes the old connection first
+//! ([`ToConn::TakenOver`]); the new one is answered when the old one has reported
+//! [`Disconnected`], after its last store ops, so the session the new one reads is complete.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix_supervisor::{InFlight, Worker};
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::outbox::{ConnId, Deliver, Outbox, ToConn};
+use crate::store::{Delivery, Message, MsgId, Op, PacketId, Qos, State, StoreClient, StoreError};
+use crate::topic::{Subscriptions, TopicFilter, TopicName};
+
+const LOG: &str = "broker::router";
+
+/// A failure the router reports to a connection: the store refused or is gone. The connection
+/// closes without acknowledging, so the client sends again later.
+pub type RouteError = String;
+
+type Answer<T> = Pin<Box<dyn Future<Output = Result<T, RouteError>>>>;
+
+/// A last will, published when its connection ends without DISCONNECT.
+#[derive(Clone, Debug)]
+pub struct Will {
+    pub topic: TopicName,
+    pub payload: Bytes,
+    pub qos: Qos,
+    pub retain: bool,
+}
+
+/// A PUBLISH from a client, validated by its connection.
+#[derive(Clone, Debug)]
+pub struct Publication {
+    pub topic: TopicName,
+    pub payload: Bytes,
+    pub qos: Qos,
+    pub retain: bool,
+    /// The client's packet id (QoS 1, 2).
+    pub pkid: PacketId,
+}
+
+/// A client connects (after CONNECT was validated).
+#[derive(Message)]
+#[rtype(result = "Result<Connected, RouteError>")]
+pub struct Connect {
+    pub client: String,
+    pub clean: bool,
+    pub outbox: Outbox,
+}
+
+/// The answer to [`Connect`].
+pub struct Connected {
+    pub session_present: bool,
+    /// A persistent session's state, to resume from.
+    pub restored: Option<Restored>,
+}
+
+/// What a persistent session is owed, read from the store when it connects.
+#[derive(Default)]
+pub struct Restored {
+    /// Sent and not acknowledged: send again with DUP, under the same packet ids, in order.
+    pub unacked: Vec<(PacketId, Deliver)>,
+    /// QoS 2 whose PUBREC came: PUBREL is owed.
+    pub released: Vec<PacketId>,
+    /// Not sent yet.
+    pub queue: Vec<Deliver>,
+    /// Inbound QoS 2 packet ids received and not released by the client yet.
+    pub inbound: BTreeSet<PacketId>,
+}
+
+/// Publications from one client, in the order it sent them. `reply` is answered once they may
+/// be acknowledged (see the module docs). A reply channel rather than `send(..).await`: the
+/// connection sends its next batch before this one is answered, in order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Route {
+    pub from: String,
+    pub publications: Vec<Publication>,
+    pub reply: oneshot::Sender<Result<(), RouteError>>,
+}
+
+/// SUBSCRIBE, validated: the granted QoS is the requested one (the broker supports all three).
+/// Answered once a persistent session's subscriptions are durable; the retained messages that
+/// match are in the connection's mailbox by then.
+#[derive(Message)]
+#[rtype(result = "Result<(), RouteError>")]
+pub struct Subscribe {
+    pub client: String,
+    pub filters: Vec<(TopicFilter, Qos)>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), RouteError>")]
+pub struct Unsubscribe {
+    pub client: String,
+    pub filters: Vec<TopicFilter>,
+}
+
+/// A connection ended. `will` is its will if it must be published now.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnected {
+    pub client: String,
+    pub conn: ConnId,
+    pub will: Option<Will>,
+}
+
+struct Online {
+    conn: ConnId,
+    outbox: Outbox,
+    clean: bool,
+}
+
+/// A CONNECT waiting for the connection it takes over to end.
+struct Parked {
+    connect: Connect,
+    reply: oneshot::Sender<Result<Connected, RouteError>>,
+}
+
+/// What the router reads from the store when it starts.
+struct Loaded {
+    next_id: MsgId,
+    retained: Vec<Message>,
+    sessions: Vec<(String, Vec<(String, Qos)>)>,
+}
+
+pub struct Router {
+    store: StoreClient,
+    subscriptions: Subscriptions<String>,
+    retained: BTreeMap<String, Arc<Message>>,
+    online: HashMap<String, Online>,
+    /// Every persistent session, connected or not.
+    persistent: HashSet<String>,
+    parked: HashMap<String, VecDeque<Parked>>,
+    next_id: MsgId,
+    work: InFlight,
+}
+
+impl Router {
+    pub fn new(store: StoreClient) -> Router {
+        Router {
+            store,
+            subscriptions: Subscriptions::new(),
+            retained: BTreeMap::new(),
+            online: HashMap::new(),
+            persistent: HashSet::new(),
+            parked: HashMap::new(),
+            next_id: 0,
+            work: InFlight::new(),
+        }
+    }
+
+    fn load(&mut self, loaded: Loaded) {
+        self.next_id = loaded.next_id;
+        for msg in loaded.retained {
+            self.retained.insert(msg.topic.clone(), Arc::new(msg));
+        }
+        let sessions = loaded.sessions.len();
+        for (client, filters) in loaded.sessions {
+            for (filter, qos) in filters {
+                match TopicFilter::parse(&filter) {
+                    Ok(filter) => {
+                        self.subscriptions
+                            .subscribe(client.clone(), &filter, qos.min(2));
+                    }
+                    Err(e) => log::warn!(
+                        target: LOG,
+                        "session `{client}`: stored filter `{filter}` is invalid ({e}); skipped"
+                    ),
+                }
+            }
+            self.persistent.insert(client);
+        }
+        log::info!(
+            target: LOG,
+            "loaded {sessions} persistent sessions and {} retained messages",
+            self.retained.len()
+        );
+    }
+
+    fn connect(&mut self, connect: Connect, reply: oneshot::Sender<Result<Connected, RouteError>>) {
+        if let Some(old) = self.online.get(&connect.client) {
+            log::info!(
+                target: LOG,
+                "client `{}`: a new connection takes over from connection {}",
+                connect.client,
+                old.conn
+            );
+            old.outbox.send(ToConn::TakenOver);
+            let parked = Parked { connect, reply };
+            self.parked
+                .entry(parked.connect.client.clone())
+                .or_default()
+                .push_back(parked);
+            return;
+        }
+        let Connect {
+            client,
+            clean,
+            outbox,
+        } = connect;
+        let existed = self.persistent.contains(&client);
+        let mut ops = Vec::new();
+        if clean {
+            if existed {
+                self.subscriptions.remove_client(&client);
+                self.persistent.remove(&client);
+                ops.push(Op::DropSession {
+                    client: client.clone(),
+                });
+            }
+        } else if !existed {
+            self.persistent.insert(client.clone());
+            ops.push(Op::OpenSession {
+                client: client.clone(),
+            });
+        }
+        let committed = (!ops.is_empty()).then(|| self.store.commit(ops));
+        let restored = (!clean).then(|| {
+            self.store.set_online(&client, true);
+            let name = client.clone();
+            self.store.read(move |state| restore(state, &name))
+        });
+        self.online.insert(
+            client,
+            Online {
+                conn: outbox.conn,
+                outbox,
+                clean,
+            },
+        );
+        let session_present = !clean && existed;
+        actix::spawn(self.work.track(async move {
+            let answer = async {
+                if let Some(committed) = committed {
+                    committed.await.map_err(store_failed)?;
+                }
+                let restored = match restored {
+                    Some(read) => Some(read.await.map_err(store_failed)?),
+                    None => None,
+                };
+                Ok(Connected {
+                    session_present,
+                    restored,
+                })
+            };
+            let _ = reply.send(answer.await);
+        }));
+    }
+
+    /// Routes publications; returns what to wait for before they may be acknowledged.
+    fn route(&mut self, from: &str, publications: Vec<Publication>) -> Answer<()> {
+        let mut ops = Vec::new();
+        let mut must_wait = false;
+        let mut congested: Vec<Outbox> = Vec::new();
+        let from_persistent = self.persistent.contains(from);
+        for publication in publications {
+            let qos = publication.qos;
+            let pkid = publication.pkid;
+            let (op, full) = self.route_one(publication);
+            if let Some(op) = op {
+                must_wait |= qos > 0;
+                ops.push(op);
+            }
+            for outbox in full {
+                if !congested.iter().any(|o| o.conn == outbox.conn) {
+                    congested.push(outbox);
+                }
+            }
+            // (A will has no packet id: nobody sends it again.)
+            if qos == 2 && from_persistent && pkid != 0 {
+                // Recorded with the publication, so a PUBLISH sent again after a crash is not
+                // routed twice.
+                ops.push(Op::InboundReceived {
+                    client: from.to_owned(),
+                    pkid,
+                });
+                must_wait = true;
+            }
+        }
+        let committed = (!ops.is_empty()).then(|| self.store.commit(ops));
+        Box::pin(self.work.track(async move {
+            if let Some(committed) = committed {
+                if must_wait {
+                    check_commit(committed.await)?;
+                }
+            }
+            for outbox in congested {
+                outbox.backlog.below_low_water().await;
+            }
+            Ok(())
+        }))
+    }
+
+    /// Hands one publication to its connected subscribers; returns the store op it needs (if
+    /// any) and the subscribers it left congested.
+    fn route_one(&mut self, publication: Publication) -> (Option<Op>, Vec<Outbox>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let Publication {
+            topic,
+            payload,
+            qos,
+            retain,
+            ..
+        } = publication;
+        let msg = Arc::new(Message {
+            id,
+            topic: topic.as_str().to_owned(),
+            payload,
+            qos,
+            retain,
+        });
+        if retain {
+            if msg.payload.is_empty() {
+                self.retained.remove(&msg.topic);
+            } else {
+                self.retained.insert(msg.topic.clone(), msg.clone());
+            }
+        }
+        let mut to = Vec::new();
+        let mut congested = Vec::new();
+        for (client, granted) in self.subscriptions.route(&topic) {
+            let qos = granted.min(qos);
+            let online = self.online.get(&client);
+            let stored = self.persistent.contains(&client) && (qos > 0 || online.is_none());
+            if stored {
+                to.push(Delivery {
+                    client: client.clone(),
+                    qos,
+                });
+            }
+            if let Some(online) = online {
+                let deliver = Deliver {
+                    msg: msg.clone(),
+                    qos,
+                    retain: false,
+                    stored,
+                };
+                if online.outbox.deliver(deliver) {
+                    congested.push(online.outbox.clone());
+                }
+            }
+        }
+        let op = (!to.is_empty() || retain).then(|| Op::Publish {
+            msg: (*msg).clone(),
+            to,
+        });
+        (op, congested)
+    }
+
+    fn subscribe(&mut self, client: String, filters: Vec<(TopicFilter, Qos)>) -> Answer<()> {
+        let persistent = self.persistent.contains(&client);
+        let mut ops = Vec::new();
+        let mut retained = Vec::new();
+        for (filter, qos) in filters {
+            self.subscriptions.subscribe(client.clone(), &filter, qos);
+            if persistent {
+                ops.push(Op::Subscribe {
+                    client: client.clone(),
+                    filter: filter.as_str().to_owned(),
+                    qos,
+                });
+            }
+            // MQTT-3.3.1-6: the retained messages matching a new subscription go to it.
+            for msg in self.retained.values() {
+                if let Ok(name) = TopicName::parse(&msg.topic) {
+                    if filter.matches(&name) {
+                        retained.push((msg.clone(), qos.min(msg.qos)));
+                    }
+                }
+            }
+        }
+        if let Some(online) = self.online.get(&client) {
+            for (msg, qos) in retained {
+                let stored = persistent && qos > 0;
+                if stored {
+                    ops.push(Op::Enqueue {
+                        client: client.clone(),
+                        msg: msg.id,
+                        qos,
+                        retain: true,
+                    });
+                }
+                online.outbox.deliver(Deliver {
+                    msg,
+                    qos,
+                    retain: true,
+                    stored,
+                });
+            }
+        }
+        self.commit_and_wait(ops)
+    }
+
+    fn unsubscribe(&mut self, client: String, filters: Vec<TopicFilter>) -> Answer<()> {
+        let persistent = self.persistent.contains(&client);
+        let mut ops = Vec::new();
+        for filter in filters {
+            self.subscriptions.unsubscribe(&client, &filter);
+            if persistent {
+                ops.push(Op::Unsubscribe {
+                    client: client.clone(),
+                    filter: filter.as_str().to_owned(),
+                });
+            }
+        }
+        self.commit_and_wait(ops)
+    }
+
+    fn commit_and_wait(&mut self, ops: Vec<Op>) -> Answer<()> {
+        if ops.is_empty() {
+            return Box::pin(async { Ok(()) });
+        }
+        let committed = self.store.commit(ops);
+        Box::pin(
+            self.work
+                .track(async move { check_commit(committed.await) }),
+        )
+    }
+
+    fn disconnected(&mut self, msg: Disconnected) {
+        let Disconnected { client, conn, will } = msg;
+        match self.online.get(&client) {
+            Some(online) if online.conn == conn => {
+                let online = self.online.remove(&client);
+                if online.is_some_and(|o| o.clean) {
+                    self.subscriptions.remove_client(&client);
+                } else {
+                    self.store.set_online(&client, false);
+                }
+            }
+            _ => {}
+        }
+        if let Some(will) = will {
+            log::debug!(target: LOG, "client `{client}`: publishing its will on `{}`", will.topic.as_str());
+            let answer = self.route(
+                &client,
+                vec![Publication {
+                    topic: will.topic,
+                    payload: will.payload,
+                    qos: will.qos,
+                    retain: will.retain,
+                    pkid: 0,
+                }],
+            );
+            // Nobody to acknowledge; the work is tracked so the drain waits for it.
+            actix::spawn(async move {
+                if let Err(e) = answer.await {
+                    log::warn!(target: LOG, "client `{client}`: its will was not stored: {e}");
+                }
+            });
+        }
+        self.resume_parked();
+    }
+
+    /// Answers CONNECTs whose takeover has completed.
+    fn resume_parked(&mut self) {
+        let ready: Vec<String> = self
+            .parked
+            .keys()
+            .filter(|client| !self.online.contains_key(*client))
+            .cloned()
+            .collect();
+        for client in ready {
+            let Some(mut queue) = self.parked.remove(&client) else {
+                continue;
+            };
+            // Only the newest CONNECT can win; the earlier ones lost to it already.
+            let newest = queue.pop_back();
+            for parked in queue {
+                parked.connect.outbox.send(ToConn::TakenOver);
+                let _ = parked
+                    .reply
+                    .send(Err("taken over by a newer connection".to_owned()));
+            }
+            if let Some(parked) = newest {
+                self.connect(parked.connect, parked.reply);
+            }
+        }
+    }
+}
+
+/// A persistent session's state as a connection resumes it.
+fn restore(state: &State, client: &str) -> Restored {
+    let Some(session) = state.session(client) else {
+        return Restored::default();
+    };
+    let body = |id: MsgId| state.message(id).map(|m| Arc::new(m.clone()));
+    let unacked = session
+        .unacked()
+        .iter()
+        .filter_map(|u| {
+            let msg = body(u.msg)?;
+            let deliver = Deliver {
+                msg,
+                qos: u.qos,
+                retain: false,
+                stored: true,
+            };
+            Some((u.pkid, deliver))
+        })
+        .collect();
+    let queue = session
+        .queue()
+        .iter()
+        .filter_map(|q| {
+            Some(Deliver {
+                msg: body(q.msg)?,
+                qos: q.qos,
+                retain: q.retain,
+                stored: true,
+            })
+        })
+        .collect();
+    Restored {
+        unacked,
+        released: session.released().to_vec(),
+        queue,
+        inbound: session.inbound().clone(),
+    }
+}
+
+fn store_failed(e: StoreError) -> RouteError {
+    format!("the store failed: {e}")
+}
+
+fn check_commit(committed: Result<crate::store::Commit, StoreError>) -> Result<(), RouteError> {
+    let commit = committed.map_err(store_failed)?;
+    match commit.rejected {
+        // Only a broker bug gets here (the ops contradict the store's state): say so loudly,
+        // and do not acknowledge.
+        Some(rejected) => {
+            log::error!(target: LOG, "the store refused an op: {rejected:?}");
+            Err(format!("the store refused an op: {rejected:?}"))
+        }
+        None => Ok(()),
+    }
+}
+
+impl Actor for Router {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Nothing is routed before the persistent sessions and retained messages are back.
+        let read = self.store.read(|state| Loaded {
+            next_id: state.next_message_id(),
+            retained: state.all_retained().cloned().collect(),
+            sessions: state
+                .sessions()
+                .map(|(client, s)| {
+                    let filters = s
+                        .subscriptions()
+                        .iter()
+                        .map(|(f, q)| (f.clone(), *q))
+                        .collect();
+                    (client.to_owned(), filters)
+                })
+                .collect(),
+        });
+        ctx.wait(
+            read.into_actor(self)
+                .map(|loaded, router, ctx| match loaded {
+                    Ok(loaded) => router.load(loaded),
+                    Err(e) => {
+                        log::error!(target: LOG, "cannot read the store: {e}");
+                        ctx.stop();
+                    }
+                }),
+        );
+    }
+}
+
+impl Worker for Router {
+    fn in_flight(&self) -> Option<&InFlight> {
+        Some(&self.work)
+    }
+}
+
+impl Handler<Connect> for Router {
+    type Result = ResponseFuture<Result<Connected, RouteError>>;
+
+    fn handle(&mut self, connect: Connect, _: &mut Context<Self>) -> Self::Result {
+        let (reply, answer) = oneshot::channel();
+        self.connect(connect, reply);
+        Box::pin(async move {
+            answer
+                .await
+                .unwrap_or_else(|_| Err("the router stopped".to_owned()))
+        })
+    }
+}
+
+impl Handler<Route> for Router {
+    type Result = ();
+
+    fn handle(&mut self, route: Route, _: &mut Context<Self>) {
+        let answer = self.route(&route.from, route.publications);
+        let reply = route.reply;
+        actix::spawn(async move {
+            let _ = reply.send(answer.await);
+        });
+    }
+}
+
+impl Handler<Subscribe> for Router {
+    type Result = ResponseFuture<Result<(), RouteError>>;
+
+    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) -> Self::Result {
+        self.subscribe(msg.client, msg.filters)
+    }
+}
+
+impl Handler<Unsubscribe> for Router {
+    type Result = ResponseFuture<Result<(), RouteError>>;
+
+    fn handle(&mut self, msg: Unsubscribe, _: &mut Context<Self>) -> Self::Result {
+        self.unsubscribe(msg.client, msg.filters)
+    }
+}
+
+impl Handler<Disconnected> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: Disconnected, _: &mut Context<Self>) {
+        self.disconnected(msg);
+    }
+}

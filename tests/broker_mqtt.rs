@@ -1,0 +1,1502 @@
+//! MQTT 3.1.1 conformance of the example broker, feature by feature (issue 5, point 1), over real
+//! TCP on 127.0.0.1.
+//!
+//! Each test starts its own broker (`Broker::start`: ours, or mosquitto with
+//! `BROKER_UNDER_TEST=mosquitto`, the check that the tests assert the standard and not our
+//! broker's quirks). Most tests drive the broker with [`Raw`], a blocking client over a plain
+//! `TcpStream` whose packets are encoded and decoded by rumqttc's `mqttbytes::v4` codec, so that
+//! flags, packet ids and the order of the QoS 2 handshake are checked on the wire; a few use the
+//! rumqttc client itself, as a user's application would.
+//!
+//! Every wait is bounded. Tests synchronise on packets: to show that something was *not*
+//! delivered, a sentinel message is published after it by the same publisher, and the sentinel
+//! must be the next thing the subscriber sees. Spec references are to the OASIS MQTT 3.1.1
+//! standard (section numbers and normative statement ids).
+
+mod common;
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, PubRel,
+    Publish, Subscribe, SubscribeReasonCode, Unsubscribe,
+};
+use rumqttc::mqttbytes::QoS;
+
+use common::broker::{Broker, DataDir};
+
+/// The largest packet the raw client accepts.
+const MAX_PACKET: usize = 1 << 20;
+/// How long a packet the test expects may take (generous: a loaded 2-core CI machine).
+const WAIT: Duration = Duration::from_secs(10);
+/// The window in which a packet the test expects *not* to see must stay away, where no sentinel
+/// can be used.
+const QUIET: Duration = Duration::from_millis(700);
+
+// ---------------------------------------------------------------------------------------------
+// The raw client.
+// ---------------------------------------------------------------------------------------------
+
+/// What reading the next packet gave.
+#[derive(Debug)]
+enum Next {
+    Packet(Packet),
+    Timeout,
+    /// The broker closed the connection (EOF or reset).
+    Closed,
+}
+
+/// A blocking MQTT client over a plain TCP stream, one packet at a time.
+struct Raw {
+    stream: TcpStream,
+    buf: BytesMut,
+    /// Packets read while waiting for another one (e.g. a PUBLISH arriving between PUBREC and
+    /// PUBREL), served before the socket.
+    stash: VecDeque<Packet>,
+    next_pkid: u16,
+}
+
+/// A CONNECT with a long keep-alive (so that it never expires during a test) and no will.
+fn connect_packet(id: &str, clean: bool) -> Connect {
+    let mut c = Connect::new(id);
+    c.clean_session = clean;
+    c.keep_alive = 60;
+    c
+}
+
+impl Raw {
+    /// A TCP connection to the broker, nothing sent yet.
+    fn tcp(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect_timeout(&addr, WAIT)
+            .unwrap_or_else(|e| panic!("connect to the broker at {addr}: {e}"));
+        stream.set_nodelay(true).unwrap();
+        stream.set_write_timeout(Some(WAIT)).unwrap();
+        Raw {
+            stream,
+            buf: BytesMut::with_capacity(4096),
+            stash: VecDeque::new(),
+            next_pkid: 1,
+        }
+    }
+
+    /// Sends `connect` and returns the CONNACK.
+    fn handshake(addr: SocketAddr, connect: Connect) -> (Raw, ConnAck) {
+        let mut raw = Raw::tcp(addr);
+        raw.send(Packet::Connect(connect));
+        match raw.recv("CONNACK") {
+            Packet::ConnAck(ack) => (raw, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// A connected client (CONNACK 0 asserted); returns the CONNACK's session-present flag.
+    fn connect_with(addr: SocketAddr, connect: Connect) -> (Raw, bool) {
+        let id = connect.client_id.clone();
+        let (raw, ack) = Raw::handshake(addr, connect);
+        assert_eq!(
+            ack.code,
+            ConnectReturnCode::Success,
+            "CONNACK for client `{id}`"
+        );
+        (raw, ack.session_present)
+    }
+
+    /// A connected client with id `id`, clean session or not.
+    fn connect(addr: SocketAddr, id: &str, clean: bool) -> (Raw, bool) {
+        Raw::connect_with(addr, connect_packet(id, clean))
+    }
+
+    /// A connected clean-session client.
+    fn clean(addr: SocketAddr, id: &str) -> Raw {
+        Raw::connect(addr, id, true).0
+    }
+
+    fn pkid(&mut self) -> u16 {
+        let id = self.next_pkid;
+        self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+        id
+    }
+
+    fn try_send(&mut self, packet: Packet) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        packet.write(&mut out, MAX_PACKET).expect("encode a packet");
+        self.stream.write_all(&out)
+    }
+
+    fn send(&mut self, packet: Packet) {
+        let what = format!("{packet:?}");
+        self.try_send(packet)
+            .unwrap_or_else(|e| panic!("send {what}: {e}"));
+    }
+
+    fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send bytes");
+    }
+
+    /// The next packet, or a timeout after `timeout`, or the connection's close.
+    fn next(&mut self, timeout: Duration) -> Next {
+        if let Some(p) = self.stash.pop_front() {
+            return Next::Packet(p);
+        }
+        let until = Instant::now() + timeout;
+        loop {
+            match Packet::read(&mut self.buf, MAX_PACKET) {
+                Ok(p) => return Next::Packet(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("the broker sent a malformed packet: {e}"),
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Next::Timeout;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Next::Closed,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Next::Timeout
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Next::Closed,
+            }
+        }
+    }
+
+    /// The next packet; panics (naming `what` was expected) on a timeout or a close.
+    fn recv(&mut self, what: &str) -> Packet {
+        match self.next(WAIT) {
+            Next::Packet(p) => p,
+            other => panic!("expected {what}, got {other:?}"),
+        }
+    }
+
+    /// The next packet satisfying `pick`; other packets read meanwhile are kept for later.
+    fn recv_matching(&mut self, what: &str, pick: impl Fn(&Packet) -> bool) -> Packet {
+        let mut skipped = VecDeque::new();
+        let until = Instant::now() + WAIT;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.next(left) {
+                Next::Packet(p) if pick(&p) => {
+                    // Put back what came before, in order, ahead of what is still stashed.
+                    while let Some(s) = skipped.pop_back() {
+                        self.stash.push_front(s);
+                    }
+                    return p;
+                }
+                Next::Packet(p) => skipped.push_back(p),
+                other => panic!("expected {what}, got {other:?} (after {skipped:?})"),
+            }
+        }
+    }
+
+    /// Asserts nothing arrives for `QUIET`.
+    fn expect_silence(&mut self, context: &str) {
+        match self.next(QUIET) {
+            Next::Timeout => {}
+            other => panic!("{context}: expected nothing, got {other:?}"),
+        }
+    }
+
+    /// Asserts the broker closes the connection within `WAIT` (packets before the close fail the
+    /// test too).
+    fn expect_closed(&mut self, context: &str) {
+        match self.next(WAIT) {
+            Next::Closed => {}
+            other => {
+                panic!("{context}: expected the broker to close the connection, got {other:?}")
+            }
+        }
+    }
+
+    /// SUBSCRIBE to `filters`; returns the SUBACK's return codes (pkid checked).
+    fn subscribe(&mut self, filters: &[(&str, QoS)]) -> Vec<SubscribeReasonCode> {
+        let pkid = self.pkid();
+        let mut sub = Subscribe::new_many(
+            filters
+                .iter()
+                .map(|(f, q)| rumqttc::mqttbytes::v4::SubscribeFilter::new(f.to_string(), *q)),
+        );
+        sub.pkid = pkid;
+        self.send(Packet::Subscribe(sub));
+        match self.recv_matching("SUBACK", |p| matches!(p, Packet::SubAck(_))) {
+            Packet::SubAck(ack) => {
+                assert_eq!(ack.pkid, pkid, "SUBACK's packet id");
+                ack.return_codes
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// SUBSCRIBE, asserting every filter is granted the QoS asked for.
+    fn sub(&mut self, filters: &[(&str, QoS)]) {
+        let granted = self.subscribe(filters);
+        let wanted: Vec<_> = filters
+            .iter()
+            .map(|(_, q)| SubscribeReasonCode::Success(*q))
+            .collect();
+        assert_eq!(granted, wanted, "SUBACK for {filters:?}");
+    }
+
+    fn unsubscribe(&mut self, filters: &[&str]) {
+        let pkid = self.pkid();
+        let mut unsub = Unsubscribe::new(filters[0]);
+        unsub.topics = filters.iter().map(|f| f.to_string()).collect();
+        unsub.pkid = pkid;
+        self.send(Packet::Unsubscribe(unsub));
+        match self.recv_matching("UNSUBACK", |p| matches!(p, Packet::UnsubAck(_))) {
+            Packet::UnsubAck(ack) => assert_eq!(ack.pkid, pkid, "UNSUBACK's packet id"),
+            _ => unreachable!(),
+        }
+    }
+
+    /// PUBLISH as a publisher, with the whole flow of its QoS (waits for PUBACK, or PUBREC then
+    /// PUBREL/PUBCOMP): when it returns, the broker has taken responsibility for the message.
+    fn publish(&mut self, topic: &str, qos: QoS, payload: &[u8], retain: bool) {
+        let mut p = Publish::new(topic, qos, payload.to_vec());
+        p.retain = retain;
+        if qos != QoS::AtMostOnce {
+            p.pkid = self.pkid();
+        }
+        let pkid = p.pkid;
+        self.send(Packet::Publish(p));
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                self.recv_matching(
+                    "PUBACK",
+                    |p| matches!(p, Packet::PubAck(a) if a.pkid == pkid),
+                );
+            }
+            QoS::ExactlyOnce => {
+                self.recv_matching(
+                    "PUBREC",
+                    |p| matches!(p, Packet::PubRec(a) if a.pkid == pkid),
+                );
+                self.send(Packet::PubRel(PubRel::new(pkid)));
+                self.recv_matching(
+                    "PUBCOMP",
+                    |p| matches!(p, Packet::PubComp(a) if a.pkid == pkid),
+                );
+            }
+        }
+    }
+
+    /// The next PUBLISH, acknowledged as a well-behaved subscriber does (PUBACK; or PUBREC,
+    /// then PUBREL from the broker, then PUBCOMP). Any other packet fails the test.
+    fn recv_publish(&mut self) -> Publish {
+        let p = match self.recv("PUBLISH") {
+            Packet::Publish(p) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        };
+        self.ack(&p);
+        p
+    }
+
+    /// Acknowledges a received PUBLISH (completing a QoS 2 handshake).
+    fn ack(&mut self, p: &Publish) {
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(Packet::PubAck(PubAck::new(p.pkid))),
+            QoS::ExactlyOnce => {
+                let pkid = p.pkid;
+                self.send(Packet::PubRec(PubRec::new(pkid)));
+                self.recv_matching(
+                    "PUBREL",
+                    |q| matches!(q, Packet::PubRel(r) if r.pkid == pkid),
+                );
+                self.send(Packet::PubComp(PubComp::new(pkid)));
+            }
+        }
+    }
+
+    /// Receives (and acknowledges) PUBLISH packets until one on `end`; returns those before it.
+    fn publishes_until(&mut self, end: &str) -> Vec<Publish> {
+        let mut got = Vec::new();
+        loop {
+            let p = self.recv_publish();
+            if p.topic == end {
+                return got;
+            }
+            got.push(p);
+        }
+    }
+
+    fn disconnect(mut self) {
+        self.send(Packet::Disconnect);
+    }
+}
+
+fn payload(p: &Publish) -> &[u8] {
+    &p.payload[..]
+}
+
+fn topics(ps: &[Publish]) -> Vec<String> {
+    let mut t: Vec<String> = ps.iter().map(|p| p.topic.clone()).collect();
+    t.sort();
+    t
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    let mut t: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+    t.sort();
+    t
+}
+
+/// A broker for one test.
+fn broker(test: &str) -> (DataDir, Broker) {
+    let data = DataDir::new(test);
+    let broker = Broker::start(&data);
+    (data, broker)
+}
+
+// ---------------------------------------------------------------------------------------------
+// CONNECT / CONNACK
+// ---------------------------------------------------------------------------------------------
+
+/// 3.1.2.2 [MQTT-3.1.2-2]: an unsupported protocol level gets CONNACK 0x01, then the close.
+#[test]
+fn connect_with_unsupported_protocol_level_gets_connack_0x01_and_is_closed() {
+    let (_data, broker) = broker("connack-level");
+    let mut bytes = BytesMut::new();
+    Packet::Connect(connect_packet("level-3", true))
+        .write(&mut bytes, MAX_PACKET)
+        .unwrap();
+    // Fixed header (2 bytes), then the protocol name "MQTT" (2 + 4 bytes), then the level.
+    assert_eq!(bytes[8], 4, "the protocol level byte");
+    bytes[8] = 3;
+    let mut raw = Raw::tcp(broker.addr);
+    raw.send_bytes(&bytes);
+    match raw.recv("CONNACK") {
+        Packet::ConnAck(ack) => {
+            assert_eq!(ack.code, ConnectReturnCode::RefusedProtocolVersion);
+            assert!(!ack.session_present, "session present with a refusal");
+        }
+        other => panic!("expected CONNACK 0x01, got {other:?}"),
+    }
+    raw.expect_closed("after CONNACK 0x01");
+
+    // The broker goes on serving others.
+    let mut ok = Raw::clean(broker.addr, "after-refusal");
+    ok.send(Packet::PingReq);
+    assert!(matches!(ok.recv("PINGRESP"), Packet::PingResp));
+}
+
+/// 3.1.3.1 [MQTT-3.1.3-8]: a zero-length client id with clean session 0 gets CONNACK 0x02
+/// (identifier rejected), then the close.
+#[test]
+fn empty_client_id_with_persistent_session_is_rejected_with_0x02() {
+    let (_data, broker) = broker("connack-empty-id");
+    let (mut raw, ack) = Raw::handshake(broker.addr, connect_packet("", false));
+    assert_eq!(ack.code, ConnectReturnCode::BadClientId);
+    assert!(!ack.session_present);
+    raw.expect_closed("after CONNACK 0x02");
+}
+
+/// 3.1.3.1 [MQTT-3.1.3-6]: a zero-length client id with clean session 1 is accepted and gets a
+/// unique id: two such clients are connected at once (no takeover) and both work.
+#[test]
+fn empty_client_id_with_clean_session_is_accepted_and_unique() {
+    let (_data, broker) = broker("connack-empty-clean");
+    let (mut a, sp_a) = Raw::connect(broker.addr, "", true);
+    let (mut b, sp_b) = Raw::connect(broker.addr, "", true);
+    assert!(
+        !sp_a && !sp_b,
+        "session present with clean session 1 [MQTT-3.2.2-1]"
+    );
+    a.sub(&[("e/a", QoS::AtLeastOnce)]);
+    b.sub(&[("e/b", QoS::AtLeastOnce)]);
+    // Each publishes to the other: both connections are alive and distinct.
+    a.publish("e/b", QoS::AtLeastOnce, b"to b", false);
+    b.publish("e/a", QoS::AtLeastOnce, b"to a", false);
+    assert_eq!(payload(&a.recv_publish()), b"to a");
+    assert_eq!(payload(&b.recv_publish()), b"to b");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions
+// ---------------------------------------------------------------------------------------------
+
+/// 3.2.2.2: session present is 0 for a new persistent session, 1 when one is resumed, 0 with
+/// clean session 1 (which also ends the stored session: a later clean-session-0 connect starts
+/// afresh).
+#[test]
+fn connack_session_present_flag_follows_the_stored_session() {
+    let (_data, broker) = broker("session-present");
+    let (c, sp) = Raw::connect(broker.addr, "sp", false);
+    assert!(!sp, "first persistent connect: no session yet");
+    c.disconnect();
+    let (c, sp) = Raw::connect(broker.addr, "sp", false);
+    assert!(
+        sp,
+        "persistent reconnect: the session is resumed [MQTT-3.2.2-2]"
+    );
+    c.disconnect();
+    let (c, sp) = Raw::connect(broker.addr, "sp", true);
+    assert!(!sp, "clean session 1: session present 0 [MQTT-3.2.2-1]");
+    c.disconnect();
+    let (c, sp) = Raw::connect(broker.addr, "sp", false);
+    assert!(
+        !sp,
+        "the clean session discarded the stored one [MQTT-3.1.2-6]"
+    );
+    c.disconnect();
+}
+
+/// 3.1.2.4: a persistent session keeps its subscriptions and the QoS 1 and 2 messages published
+/// while the client is offline; they are delivered on reconnect, without subscribing again, and
+/// live delivery resumes.
+#[test]
+fn persistent_session_keeps_subscriptions_and_queues_qos1_qos2_while_offline() {
+    let (_data, broker) = broker("session-queue");
+    let (mut sub, _) = Raw::connect(broker.addr, "offline-sub", false);
+    sub.sub(&[("q/one", QoS::AtLeastOnce), ("q/two", QoS::ExactlyOnce)]);
+    sub.disconnect();
+
+    let mut publisher = Raw::clean(broker.addr, "offline-pub");
+    for i in 0..5u8 {
+        publisher.publish("q/one", QoS::AtLeastOnce, &[b'1', i], false);
+        publisher.publish("q/two", QoS::ExactlyOnce, &[b'2', i], false);
+    }
+
+    let (mut sub, sp) = Raw::connect(broker.addr, "offline-sub", false);
+    assert!(sp, "session present");
+    let mut ones = Vec::new();
+    let mut twos = Vec::new();
+    for _ in 0..10 {
+        let p = sub.recv_publish();
+        match p.topic.as_str() {
+            "q/one" => {
+                assert_eq!(p.qos, QoS::AtLeastOnce);
+                ones.push(payload(&p)[1]);
+            }
+            "q/two" => {
+                assert_eq!(p.qos, QoS::ExactlyOnce);
+                twos.push(payload(&p)[1]);
+            }
+            t => panic!("unexpected topic {t}"),
+        }
+    }
+    // Ordered per topic (4.6).
+    assert_eq!(ones, vec![0, 1, 2, 3, 4], "queued QoS 1 messages");
+    assert_eq!(twos, vec![0, 1, 2, 3, 4], "queued QoS 2 messages");
+
+    // The subscriptions are still there: live delivery without a new SUBSCRIBE, and nothing
+    // else was queued (the live message is the next packet).
+    publisher.publish("q/one", QoS::AtLeastOnce, b"live", false);
+    let p = sub.recv_publish();
+    assert_eq!((p.topic.as_str(), payload(&p)), ("q/one", &b"live"[..]));
+}
+
+/// 3.1.2.4: with clean session 1 the subscriptions end with the connection: after reconnecting,
+/// messages on the old subscription are not delivered.
+#[test]
+fn clean_session_forgets_subscriptions_and_messages_at_disconnect() {
+    let (_data, broker) = broker("session-clean");
+    let mut sub = Raw::clean(broker.addr, "clean-sub");
+    sub.sub(&[("c/t", QoS::AtLeastOnce)]);
+    sub.disconnect();
+
+    let mut publisher = Raw::clean(broker.addr, "clean-pub");
+    publisher.publish("c/t", QoS::AtLeastOnce, b"while offline", false);
+
+    let (mut sub, sp) = Raw::connect(broker.addr, "clean-sub", false);
+    assert!(!sp, "no session was kept for a clean-session client");
+    sub.sub(&[("c/end", QoS::AtLeastOnce)]);
+    publisher.publish("c/t", QoS::AtLeastOnce, b"after reconnect", false);
+    publisher.publish("c/end", QoS::AtLeastOnce, b"", false);
+    let before_end = sub.publishes_until("c/end");
+    assert!(
+        before_end.is_empty(),
+        "delivered on a subscription of an ended clean session: {before_end:?}"
+    );
+}
+
+/// [MQTT-3.1.2-6]: connecting with clean session 1 discards a stored persistent session, its
+/// subscriptions and its queued messages.
+#[test]
+fn clean_session_connect_discards_a_stored_persistent_session() {
+    let (_data, broker) = broker("session-discard");
+    let (mut sub, _) = Raw::connect(broker.addr, "discard", false);
+    sub.sub(&[("d/t", QoS::AtLeastOnce)]);
+    sub.disconnect();
+
+    let mut publisher = Raw::clean(broker.addr, "discard-pub");
+    publisher.publish("d/t", QoS::AtLeastOnce, b"queued", false);
+
+    let (mut sub, sp) = Raw::connect(broker.addr, "discard", true);
+    assert!(!sp, "clean session 1: session present 0");
+    sub.sub(&[("d/end", QoS::AtLeastOnce)]);
+    publisher.publish("d/end", QoS::AtLeastOnce, b"", false);
+    let before_end = sub.publishes_until("d/end");
+    assert!(
+        before_end.is_empty(),
+        "the discarded session's queue was delivered: {before_end:?}"
+    );
+    sub.disconnect();
+
+    // And nothing survives for a later persistent connect either.
+    let (mut sub, sp) = Raw::connect(broker.addr, "discard", false);
+    assert!(!sp, "the discarded session came back");
+    sub.sub(&[("d/end", QoS::AtLeastOnce)]);
+    publisher.publish("d/t", QoS::AtLeastOnce, b"old subscription", false);
+    publisher.publish("d/end", QoS::AtLeastOnce, b"", false);
+    let before_end = sub.publishes_until("d/end");
+    assert!(before_end.is_empty(), "old subscription: {before_end:?}");
+}
+
+/// 3.1.4 [MQTT-3.1.4-2]: a second connection with the same client id takes the session over;
+/// the first connection is closed; the session (subscriptions) carries on with the second.
+#[test]
+fn second_connection_with_same_client_id_takes_the_session_over() {
+    let (_data, broker) = broker("takeover");
+    let (mut first, _) = Raw::connect(broker.addr, "twin", false);
+    first.sub(&[("t/x", QoS::AtLeastOnce)]);
+
+    let (mut second, sp) = Raw::connect(broker.addr, "twin", false);
+    assert!(sp, "the second connection resumes the first's session");
+    first.expect_closed("the first connection after the takeover");
+
+    let mut publisher = Raw::clean(broker.addr, "twin-pub");
+    publisher.publish("t/x", QoS::AtLeastOnce, b"to the second", false);
+    let p = second.recv_publish();
+    assert_eq!(payload(&p), b"to the second");
+
+    // A clean-session takeover closes the old connection too.
+    let mut third = Raw::clean(broker.addr, "twin");
+    second.expect_closed("the second connection after a clean takeover");
+    third.send(Packet::PingReq);
+    assert!(matches!(third.recv("PINGRESP"), Packet::PingResp));
+}
+
+// ---------------------------------------------------------------------------------------------
+// PUBLISH flows
+// ---------------------------------------------------------------------------------------------
+
+/// 4.3.1: QoS 0 is forwarded at QoS 0, no packet id, nothing to acknowledge.
+#[test]
+fn qos0_publish_is_forwarded_at_qos0() {
+    let (_data, broker) = broker("qos0");
+    let mut sub = Raw::clean(broker.addr, "q0-sub");
+    sub.sub(&[("z/t", QoS::AtMostOnce)]);
+    let mut publisher = Raw::clean(broker.addr, "q0-pub");
+    publisher.publish("z/t", QoS::AtMostOnce, b"fire and forget", false);
+    // The publisher gets nothing back for QoS 0.
+    publisher.send(Packet::PingReq);
+    assert!(matches!(publisher.recv("PINGRESP"), Packet::PingResp));
+    match sub.recv("PUBLISH") {
+        Packet::Publish(p) => {
+            assert_eq!(p.qos, QoS::AtMostOnce);
+            assert_eq!(p.pkid, 0);
+            assert!(!p.dup && !p.retain);
+            assert_eq!(
+                (p.topic.as_str(), payload(&p)),
+                ("z/t", &b"fire and forget"[..])
+            );
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
+
+/// 4.3.2: QoS 1: the publisher gets PUBACK with its packet id; the subscriber gets a QoS 1
+/// PUBLISH with a non-zero packet id, DUP 0, and acknowledges it with PUBACK.
+#[test]
+fn qos1_flow_puback_to_publisher_and_from_subscriber() {
+    let (_data, broker) = broker("qos1");
+    let mut sub = Raw::clean(broker.addr, "q1-sub");
+    sub.sub(&[("one/t", QoS::AtLeastOnce)]);
+    let mut publisher = Raw::clean(broker.addr, "q1-pub");
+
+    let mut p = Publish::new("one/t", QoS::AtLeastOnce, b"m1".to_vec());
+    p.pkid = 77;
+    publisher.send(Packet::Publish(p));
+    match publisher.recv("PUBACK") {
+        Packet::PubAck(a) => assert_eq!(a.pkid, 77, "PUBACK's packet id [MQTT-4.3.2-2]"),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+
+    let got = match sub.recv("PUBLISH") {
+        Packet::Publish(p) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    assert_eq!(got.qos, QoS::AtLeastOnce);
+    assert_ne!(got.pkid, 0);
+    assert!(!got.dup, "a first delivery has DUP 0 [MQTT-4.3.2-1]");
+    assert_eq!(payload(&got), b"m1");
+    sub.send(Packet::PubAck(PubAck::new(got.pkid)));
+
+    // The acknowledged message is not sent again: the next message is the next PUBLISH.
+    publisher.publish("one/t", QoS::AtLeastOnce, b"m2", false);
+    assert_eq!(payload(&sub.recv_publish()), b"m2");
+}
+
+/// 4.3.3: QoS 2, packet by packet: PUBLISH -> PUBREC, PUBREL -> PUBCOMP for the publisher;
+/// the subscriber gets PUBLISH, answers PUBREC, gets PUBREL, answers PUBCOMP.
+#[test]
+fn qos2_full_flow_on_both_sides() {
+    let (_data, broker) = broker("qos2");
+    let mut sub = Raw::clean(broker.addr, "q2-sub");
+    sub.sub(&[("two/t", QoS::ExactlyOnce)]);
+    let mut publisher = Raw::clean(broker.addr, "q2-pub");
+
+    let mut p = Publish::new("two/t", QoS::ExactlyOnce, b"exactly".to_vec());
+    p.pkid = 300;
+    publisher.send(Packet::Publish(p));
+    match publisher.recv("PUBREC") {
+        Packet::PubRec(r) => assert_eq!(r.pkid, 300),
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+    publisher.send(Packet::PubRel(PubRel::new(300)));
+    match publisher.recv("PUBCOMP") {
+        Packet::PubComp(c) => assert_eq!(c.pkid, 300),
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+
+    let got = match sub.recv("PUBLISH") {
+        Packet::Publish(p) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    assert_eq!(got.qos, QoS::ExactlyOnce);
+    assert_ne!(got.pkid, 0);
+    assert!(!got.dup);
+    assert_eq!(payload(&got), b"exactly");
+    sub.send(Packet::PubRec(PubRec::new(got.pkid)));
+    match sub.recv("PUBREL") {
+        Packet::PubRel(r) => assert_eq!(r.pkid, got.pkid, "PUBREL's packet id"),
+        other => panic!("expected PUBREL, got {other:?}"),
+    }
+    sub.send(Packet::PubComp(PubComp::new(got.pkid)));
+
+    // Exactly once: the next thing the subscriber gets is the next message.
+    publisher.publish("two/t", QoS::ExactlyOnce, b"next", false);
+    assert_eq!(payload(&sub.recv_publish()), b"next");
+}
+
+/// 4.3.3 [MQTT-4.3.3-2]: a QoS 2 PUBLISH re-sent (DUP 1, same packet id) before PUBREL, and
+/// the PUBREL re-sent after a reconnect, are acknowledged again but the message reaches the
+/// subscriber exactly once.
+#[test]
+fn qos2_resent_publish_and_pubrel_deliver_exactly_once() {
+    let (_data, broker) = broker("qos2-dup");
+    let mut sub = Raw::clean(broker.addr, "q2d-sub");
+    sub.sub(&[("dup/t", QoS::ExactlyOnce), ("dup/end", QoS::ExactlyOnce)]);
+    let (mut publisher, _) = Raw::connect(broker.addr, "q2d-pub", false);
+
+    let mut p = Publish::new("dup/t", QoS::ExactlyOnce, b"once".to_vec());
+    p.pkid = 9;
+    publisher.send(Packet::Publish(p.clone()));
+    assert!(matches!(publisher.recv("PUBREC"), Packet::PubRec(r) if r.pkid == 9));
+    p.dup = true;
+    publisher.send(Packet::Publish(p.clone()));
+    assert!(matches!(publisher.recv("second PUBREC"), Packet::PubRec(r) if r.pkid == 9));
+
+    // The publisher loses its connection before PUBREL, reconnects with its session, re-sends
+    // the PUBLISH (a client that lost its state may) and then the PUBREL.
+    drop(publisher);
+    let (mut publisher, sp) = Raw::connect(broker.addr, "q2d-pub", false);
+    assert!(sp);
+    publisher.send(Packet::Publish(p));
+    assert!(matches!(publisher.recv("third PUBREC"), Packet::PubRec(r) if r.pkid == 9));
+    publisher.send(Packet::PubRel(PubRel::new(9)));
+    assert!(matches!(publisher.recv("PUBCOMP"), Packet::PubComp(c) if c.pkid == 9));
+    // A PUBREL re-sent for a finished flow still gets its PUBCOMP [MQTT-4.3.3-2 / 4.4].
+    publisher.send(Packet::PubRel(PubRel::new(9)));
+    assert!(matches!(publisher.recv("PUBCOMP again"), Packet::PubComp(c) if c.pkid == 9));
+
+    publisher.publish("dup/end", QoS::ExactlyOnce, b"", false);
+    let got = sub.publishes_until("dup/end");
+    assert_eq!(got.len(), 1, "delivered {} times: {got:?}", got.len());
+    assert_eq!(payload(&got[0]), b"once");
+}
+
+/// QoS 2 end to end with rumqttc, as an application uses it: messages from one client to
+/// another, each received exactly once, in order, and every publish completed (PUBCOMP).
+fn qos2_rumqttc_exactly_once(test: &str, n: u32) {
+    let (_data, broker) = broker(test);
+    let (sub, sub_events, _) = rumqtt(broker.addr, "rq-sub", true);
+    sub.subscribe("rq/t", QoS::ExactlyOnce).unwrap();
+    assert!(matches!(incoming(&sub_events, "SUBACK"), Packet::SubAck(_)));
+
+    let (publisher, pub_events, _) = rumqtt(broker.addr, "rq-pub", true);
+    let sender = std::thread::spawn(move || {
+        for i in 0..n {
+            publisher
+                .publish("rq/t", QoS::ExactlyOnce, false, i.to_be_bytes().to_vec())
+                .unwrap();
+        }
+        publisher
+            .publish("rq/t", QoS::ExactlyOnce, false, b"end".to_vec())
+            .unwrap();
+        publisher
+    });
+    let mut completed = 0;
+    while completed < n + 1 {
+        if let Packet::PubComp(_) = incoming(&pub_events, "PUBCOMP") {
+            completed += 1;
+        }
+    }
+    let _publisher = sender.join().unwrap();
+
+    let mut got = Vec::new();
+    loop {
+        match incoming(&sub_events, &format!("PUBLISH (got {} so far)", got.len())) {
+            Packet::Publish(p) if payload(&p) == b"end" => break,
+            Packet::Publish(p) => {
+                assert_eq!(p.qos, QoS::ExactlyOnce);
+                got.push(u32::from_be_bytes(payload(&p).try_into().expect("4 bytes")));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        got,
+        (0..n).collect::<Vec<_>>(),
+        "each message once, in order"
+    );
+}
+
+/// QoS 2 with rumqttc, a burst that fits any broker's inflight window (mosquitto's is 20).
+#[test]
+fn qos2_with_rumqttc_delivers_each_message_exactly_once() {
+    qos2_rumqttc_exactly_once("qos2-rumqttc", 19);
+}
+
+/// QoS 2 with rumqttc, more messages than the outbound inflight window (ours: `--max-inflight`
+/// 100 by default): the rest wait in the session's queue and all get through.
+///
+/// Fails on mosquitto 2.0.11: it sends the first 20 (its `max_inflight_messages`), receives
+/// their PUBCOMPs, and never sends the 131 others it has already PUBCOMPed to the publisher
+/// (seen in its log, 6 s later) — a deviation from 4.3.3/4.4, which require delivery.
+#[test]
+fn qos2_with_rumqttc_beyond_the_inflight_window_delivers_every_message_once() {
+    qos2_rumqttc_exactly_once("qos2-rumqttc-window", 150);
+}
+
+/// 3.8.4 / 4.3: a message is delivered at the lower of its publish QoS and the subscription's
+/// granted QoS.
+#[test]
+fn delivered_qos_is_the_minimum_of_publish_and_subscription_qos() {
+    let (_data, broker) = broker("qos-min");
+    let mut subs: Vec<Raw> = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let mut s = Raw::clean(broker.addr, &format!("min-sub-{i}"));
+            s.sub(&[("m/t", *q)]);
+            s
+        })
+        .collect();
+    let mut publisher = Raw::clean(broker.addr, "min-pub");
+    let levels = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+    for pub_qos in levels {
+        publisher.publish("m/t", pub_qos, format!("{pub_qos:?}").as_bytes(), false);
+    }
+    for (sub_qos, sub) in levels.iter().zip(subs.iter_mut()) {
+        for pub_qos in levels {
+            let p = sub.recv_publish();
+            assert_eq!(payload(&p), format!("{pub_qos:?}").as_bytes());
+            let want = if pub_qos < *sub_qos {
+                pub_qos
+            } else {
+                *sub_qos
+            };
+            assert_eq!(
+                p.qos, want,
+                "published at {pub_qos:?}, subscribed at {sub_qos:?}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redelivery on reconnect
+// ---------------------------------------------------------------------------------------------
+
+/// 4.4 [MQTT-4.4.0-1], 3.3.1.1 [MQTT-3.3.1-1]: a QoS 1 PUBLISH the subscriber did not PUBACK is
+/// sent again when it reconnects with its session, with DUP 1 and the same packet id; once
+/// acknowledged it is not sent again.
+#[test]
+fn unacknowledged_qos1_is_redelivered_with_dup_and_same_packet_id_on_reconnect() {
+    let (_data, broker) = broker("redeliver-qos1");
+    let (mut sub, _) = Raw::connect(broker.addr, "redeliver", false);
+    sub.sub(&[("r/t", QoS::AtLeastOnce)]);
+    let mut publisher = Raw::clean(broker.addr, "redeliver-pub");
+    publisher.publish("r/t", QoS::AtLeastOnce, b"ack me", false);
+
+    let first = match sub.recv("PUBLISH") {
+        Packet::Publish(p) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    assert!(!first.dup);
+    // No PUBACK: the connection drops.
+    drop(sub);
+
+    let (mut sub, sp) = Raw::connect(broker.addr, "redeliver", false);
+    assert!(sp, "session present");
+    let again = match sub.recv("the redelivered PUBLISH") {
+        Packet::Publish(p) => p,
+        other => panic!("expected the PUBLISH again, got {other:?}"),
+    };
+    assert!(again.dup, "a redelivery has DUP 1: {again:?}");
+    assert_eq!(again.pkid, first.pkid, "the same packet id");
+    assert_eq!(again.qos, QoS::AtLeastOnce);
+    assert_eq!(
+        (again.topic.as_str(), payload(&again)),
+        ("r/t", &b"ack me"[..])
+    );
+    sub.send(Packet::PubAck(PubAck::new(again.pkid)));
+    sub.disconnect();
+
+    // Acknowledged now: the next reconnect gets only new messages.
+    let (mut sub, sp) = Raw::connect(broker.addr, "redeliver", false);
+    assert!(sp);
+    publisher.publish("r/t", QoS::AtLeastOnce, b"next", false);
+    let p = sub.recv_publish();
+    assert_eq!(
+        payload(&p),
+        b"next",
+        "the acknowledged message came again: {p:?}"
+    );
+    assert!(!p.dup);
+}
+
+/// 4.4, 4.3.3 [MQTT-4.3.3-1]: on reconnect the broker re-sends the PUBREL of a QoS 2 message the
+/// subscriber PUBRECed (not the PUBLISH again), and the unacknowledged QoS 2 PUBLISH with DUP 1
+/// and its packet id; the completed messages are never delivered twice.
+#[test]
+fn qos2_inflight_state_is_resumed_on_reconnect() {
+    let (_data, broker) = broker("redeliver-qos2");
+    let (mut sub, _) = Raw::connect(broker.addr, "redeliver2", false);
+    sub.sub(&[("r2/t", QoS::ExactlyOnce)]);
+    let mut publisher = Raw::clean(broker.addr, "redeliver2-pub");
+    publisher.publish("r2/t", QoS::ExactlyOnce, b"first", false);
+    publisher.publish("r2/t", QoS::ExactlyOnce, b"second", false);
+
+    let first = match sub.recv("PUBLISH first") {
+        Packet::Publish(p) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    assert_eq!(payload(&first), b"first");
+    sub.send(Packet::PubRec(PubRec::new(first.pkid)));
+    sub.recv_matching(
+        "PUBREL",
+        |p| matches!(p, Packet::PubRel(r) if r.pkid == first.pkid),
+    );
+    let second = match sub.recv_matching("PUBLISH second", |p| matches!(p, Packet::Publish(_))) {
+        Packet::Publish(p) => p,
+        _ => unreachable!(),
+    };
+    assert_eq!(payload(&second), b"second");
+    assert_ne!(second.pkid, first.pkid);
+    // Neither PUBCOMP for the first nor anything for the second: the connection drops.
+    drop(sub);
+
+    let (mut sub, sp) = Raw::connect(broker.addr, "redeliver2", false);
+    assert!(sp, "session present");
+    let mut pubrel = None;
+    let mut republish = None;
+    for _ in 0..2 {
+        match sub.recv("the resent PUBREL and PUBLISH") {
+            Packet::PubRel(r) => pubrel = Some(r.pkid),
+            Packet::Publish(p) => {
+                assert!(
+                    p.pkid != first.pkid,
+                    "the PUBRECed message was sent again as a PUBLISH: {p:?}"
+                );
+                republish = Some(p)
+            }
+            other => panic!("expected PUBREL and PUBLISH, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        pubrel,
+        Some(first.pkid),
+        "PUBREL re-sent with its packet id"
+    );
+    let republish = republish.expect("the unacknowledged PUBLISH re-sent");
+    assert!(republish.dup, "DUP 1 on the re-sent PUBLISH");
+    assert_eq!(republish.pkid, second.pkid);
+    assert_eq!(payload(&republish), b"second");
+    sub.send(Packet::PubComp(PubComp::new(first.pkid)));
+    sub.ack(&republish);
+
+    publisher.publish("r2/t", QoS::ExactlyOnce, b"third", false);
+    let p = sub.recv_publish();
+    assert_eq!(
+        payload(&p),
+        b"third",
+        "a completed message came again: {p:?}"
+    );
+}
+
+/// A persistent session with the rumqttc client: messages published while it is away are
+/// delivered when it comes back (session present), in order.
+#[test]
+fn persistent_session_with_rumqttc_gets_messages_sent_while_offline() {
+    let (_data, broker) = broker("session-rumqttc");
+    {
+        let (sub, events, handle) = rumqtt(broker.addr, "rp-sub", false);
+        sub.subscribe("rp/t", QoS::AtLeastOnce).unwrap();
+        assert!(matches!(incoming(&events, "SUBACK"), Packet::SubAck(_)));
+        sub.disconnect().unwrap();
+        drop(sub);
+        handle.join().unwrap();
+    }
+    let (publisher, pub_events, _) = rumqtt(broker.addr, "rp-pub", true);
+    for i in 0..20u32 {
+        publisher
+            .publish("rp/t", QoS::AtLeastOnce, false, i.to_be_bytes().to_vec())
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < 20 {
+        if let Packet::PubAck(_) = incoming(&pub_events, "PUBACK") {
+            acked += 1;
+        }
+    }
+
+    let (_sub, events, _) = rumqtt_with(broker.addr, "rp-sub", false, |connack| {
+        assert!(connack.session_present, "session present")
+    });
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        if let Packet::Publish(p) = incoming(&events, "PUBLISH") {
+            got.push(u32::from_be_bytes(payload(&p).try_into().unwrap()));
+        }
+    }
+    assert_eq!(got, (0..20).collect::<Vec<_>>());
+}
+
+// ---------------------------------------------------------------------------------------------
+// SUBSCRIBE / UNSUBSCRIBE
+// ---------------------------------------------------------------------------------------------
+
+/// 3.9.3 [MQTT-3.8.4-5, MQTT-3.9.3-1]: one return code per filter, in order, the granted QoS
+/// being the one asked for (this broker supports QoS 2); a second SUBSCRIBE to the same filter
+/// replaces the subscription's QoS [MQTT-3.8.4-3] (one delivery, at the new QoS).
+#[test]
+fn suback_grants_each_filter_its_qos_and_resubscribing_replaces() {
+    let (_data, broker) = broker("suback");
+    let mut sub = Raw::clean(broker.addr, "suback");
+    let codes = sub.subscribe(&[
+        ("s/two", QoS::ExactlyOnce),
+        ("s/zero", QoS::AtMostOnce),
+        ("s/one", QoS::AtLeastOnce),
+    ]);
+    assert_eq!(
+        codes,
+        vec![
+            SubscribeReasonCode::Success(QoS::ExactlyOnce),
+            SubscribeReasonCode::Success(QoS::AtMostOnce),
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+        ]
+    );
+    let mut publisher = Raw::clean(broker.addr, "suback-pub");
+    for t in ["s/two", "s/zero", "s/one"] {
+        publisher.publish(t, QoS::ExactlyOnce, b"x", false);
+    }
+    let mut got: Vec<(String, QoS)> = (0..3)
+        .map(|_| {
+            let p = sub.recv_publish();
+            (p.topic, p.qos)
+        })
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        vec![
+            ("s/one".to_string(), QoS::AtLeastOnce),
+            ("s/two".to_string(), QoS::ExactlyOnce),
+            ("s/zero".to_string(), QoS::AtMostOnce),
+        ]
+    );
+
+    sub.sub(&[("s/two", QoS::AtMostOnce)]);
+    publisher.publish("s/two", QoS::ExactlyOnce, b"after", false);
+    publisher.publish("s/two", QoS::ExactlyOnce, b"end", false);
+    let p = sub.recv_publish();
+    assert_eq!((payload(&p), p.qos), (&b"after"[..], QoS::AtMostOnce));
+    let p = sub.recv_publish();
+    assert_eq!(
+        payload(&p),
+        b"end",
+        "the replaced subscription delivered too"
+    );
+}
+
+/// [MQTT-3.8.3-4]: a requested QoS of 3 is malformed; the broker closes the connection.
+#[test]
+fn subscribe_with_qos_3_closes_the_connection() {
+    let (_data, broker) = broker("subscribe-qos3");
+    let mut sub = Raw::clean(broker.addr, "qos3");
+    let mut bytes = BytesMut::new();
+    let mut s = Subscribe::new("bad/qos", QoS::ExactlyOnce);
+    s.pkid = 1;
+    Packet::Subscribe(s).write(&mut bytes, MAX_PACKET).unwrap();
+    let last = bytes.len() - 1;
+    assert_eq!(bytes[last], 2, "the requested QoS byte");
+    bytes[last] = 3;
+    sub.send_bytes(&bytes);
+    sub.expect_closed("after a SUBSCRIBE asking for QoS 3");
+}
+
+/// 3.10.4: UNSUBACK carries the UNSUBSCRIBE's packet id; the unsubscribed filter stops
+/// delivering; filters are compared character by character (unsubscribing `u/+` leaves `u/b`)
+/// and unknown filters are fine [MQTT-3.10.4-5].
+#[test]
+fn unsubscribe_stops_delivery_for_exactly_those_filters() {
+    let (_data, broker) = broker("unsubscribe");
+    let mut sub = Raw::clean(broker.addr, "unsub");
+    sub.sub(&[
+        ("u/a", QoS::AtLeastOnce),
+        ("u/b", QoS::AtLeastOnce),
+        ("u/end", QoS::AtLeastOnce),
+    ]);
+    let mut publisher = Raw::clean(broker.addr, "unsub-pub");
+    publisher.publish("u/a", QoS::AtLeastOnce, b"before", false);
+    assert_eq!(sub.recv_publish().topic, "u/a", "subscribed before");
+
+    sub.unsubscribe(&["u/a", "u/+", "u/never-subscribed"]);
+    publisher.publish("u/a", QoS::AtLeastOnce, b"after", false);
+    publisher.publish("u/b", QoS::AtLeastOnce, b"after", false);
+    publisher.publish("u/end", QoS::AtLeastOnce, b"", false);
+    assert_eq!(topics(&sub.publishes_until("u/end")), strings(&["u/b"]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Topic matching
+// ---------------------------------------------------------------------------------------------
+
+/// Subscribes one client per filter, publishes `topics` then `end`; returns, per filter, the
+/// sorted topics it got before `end`.
+fn route(addr: SocketAddr, filters: &[&str], published: &[&str], end: &str) -> Vec<Vec<String>> {
+    let mut subs: Vec<Raw> = filters
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let mut s = Raw::clean(addr, &format!("route-{i}"));
+            s.sub(&[(f, QoS::AtLeastOnce), (end, QoS::AtLeastOnce)]);
+            s
+        })
+        .collect();
+    let mut publisher = Raw::clean(addr, "route-pub");
+    for t in published {
+        publisher.publish(t, QoS::AtLeastOnce, t.as_bytes(), false);
+    }
+    publisher.publish(end, QoS::AtLeastOnce, b"", false);
+    subs.iter_mut()
+        .map(|s| topics(&s.publishes_until(end)))
+        .collect()
+}
+
+/// 4.7.1: `#` matches its parent and any number of levels; `+` exactly one level, empty levels
+/// included.
+#[test]
+fn wildcards_plus_and_hash_match_as_the_spec_says() {
+    let (_data, broker) = broker("wildcards");
+    let published = [
+        "sport",
+        "sport/",
+        "sport/tennis/player1",
+        "sport/tennis/player1/ranking",
+        "sport/tennis/player1/score/wimbledon",
+        "sport/tennis/player2",
+        "/finance",
+    ];
+    let cases: [(&str, &[&str]); 8] = [
+        (
+            "sport/tennis/player1/#",
+            &[
+                "sport/tennis/player1",
+                "sport/tennis/player1/ranking",
+                "sport/tennis/player1/score/wimbledon",
+            ],
+        ),
+        ("sport/#", &published[..6]),
+        (
+            "sport/tennis/+",
+            &["sport/tennis/player1", "sport/tennis/player2"],
+        ),
+        ("sport/+", &["sport/"]),
+        ("+/+", &["sport/", "/finance"]),
+        ("/+", &["/finance"]),
+        ("+", &["sport"]),
+        ("#", &published),
+    ];
+    let filters: Vec<&str> = cases.iter().map(|(f, _)| *f).collect();
+    // The sentinel `end` matches `+` and `#` too: those subscribers see it once (overlap).
+    let got = route(broker.addr, &filters, &published, "end");
+    for ((filter, want), got) in cases.iter().zip(got) {
+        assert_eq!(got, strings(want), "filter `{filter}`");
+    }
+}
+
+/// 4.7.2 [MQTT-4.7.2-1]: topics starting with `$` are not matched by a filter starting with a
+/// wildcard (`#`, `+/...`), but are by one naming the `$` level.
+#[test]
+fn dollar_topics_are_not_matched_by_first_level_wildcards() {
+    let (_data, broker) = broker("dollar");
+    let published = [
+        "$test/monitor/Clients",
+        "$test",
+        "monitor/Clients",
+        "x/monitor/Clients",
+    ];
+    let cases: [(&str, &[&str]); 5] = [
+        ("#", &["monitor/Clients", "x/monitor/Clients"]),
+        ("+/monitor/Clients", &["x/monitor/Clients"]),
+        ("+/#", &["monitor/Clients", "x/monitor/Clients"]),
+        ("$test/#", &["$test/monitor/Clients", "$test"]),
+        ("$test/+/Clients", &["$test/monitor/Clients"]),
+    ];
+    let filters: Vec<&str> = cases.iter().map(|(f, _)| *f).collect();
+    let got = route(broker.addr, &filters, &published, "end/end");
+    for ((filter, want), got) in cases.iter().zip(got) {
+        assert_eq!(got, strings(want), "filter `{filter}`");
+    }
+}
+
+/// Issue 5 (stricter than 3.3.5, which allows one copy per matching subscription): a message
+/// matching several of a client's subscriptions is delivered once, at the highest of their QoS.
+#[test]
+fn overlapping_subscriptions_deliver_once_at_the_highest_qos() {
+    let (_data, broker) = broker("overlap");
+    let mut sub = Raw::clean(broker.addr, "overlap");
+    sub.sub(&[
+        ("o/#", QoS::AtMostOnce),
+        ("o/+", QoS::AtLeastOnce),
+        ("o/x", QoS::ExactlyOnce),
+        ("end", QoS::AtMostOnce),
+    ]);
+    let mut publisher = Raw::clean(broker.addr, "overlap-pub");
+    publisher.publish("o/x", QoS::ExactlyOnce, b"x", false);
+    publisher.publish("o/y", QoS::ExactlyOnce, b"y", false);
+    publisher.publish("o/y/z", QoS::ExactlyOnce, b"z", false);
+    publisher.publish("end", QoS::AtMostOnce, b"", false);
+    let mut got: Vec<(String, QoS)> = sub
+        .publishes_until("end")
+        .into_iter()
+        .map(|p| (p.topic, p.qos))
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        vec![
+            ("o/x".to_string(), QoS::ExactlyOnce),
+            ("o/y".to_string(), QoS::AtLeastOnce),
+            ("o/y/z".to_string(), QoS::AtMostOnce),
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retained messages
+// ---------------------------------------------------------------------------------------------
+
+/// 3.3.1.3: a retained message is stored and sent, with RETAIN 1, to each new subscription
+/// [MQTT-3.3.1-6]; a newer one replaces it [MQTT-3.3.1-5]; a non-retained one does not; an
+/// empty retained payload deletes it [MQTT-3.3.1-10/11] and is still forwarded; forwarding to
+/// an established subscription has RETAIN 0 [MQTT-3.3.1-9]; a new SUBSCRIBE re-sends retained
+/// messages [MQTT-3.8.4-3]; a retained message goes at the lower of its QoS and the
+/// subscription's.
+#[test]
+fn retained_messages_set_replace_delete_and_flags() {
+    let (_data, broker) = broker("retained");
+    let mut publisher = Raw::clean(broker.addr, "ret-pub");
+    publisher.publish("ret/a", QoS::AtLeastOnce, b"v1", true);
+
+    // Sent on subscribe with RETAIN 1.
+    let mut live = Raw::clean(broker.addr, "ret-live");
+    live.sub(&[("ret/#", QoS::AtLeastOnce)]);
+    let p = live.recv_publish();
+    assert_eq!((p.topic.as_str(), payload(&p)), ("ret/a", &b"v1"[..]));
+    assert!(p.retain, "retained message sent on subscribe has RETAIN 1");
+
+    // Replace: the live subscriber gets it with RETAIN 0.
+    publisher.publish("ret/a", QoS::AtLeastOnce, b"v2", true);
+    let p = live.recv_publish();
+    assert_eq!(payload(&p), b"v2");
+    assert!(
+        !p.retain,
+        "forwarded to an established subscription with RETAIN 0"
+    );
+    // A non-retained message does not replace it.
+    publisher.publish("ret/a", QoS::AtLeastOnce, b"not retained", false);
+    assert_eq!(payload(&live.recv_publish()), b"not retained");
+
+    // A new subscriber gets only v2, then live messages.
+    let mut newer = Raw::clean(broker.addr, "ret-new");
+    newer.sub(&[("ret/a", QoS::AtLeastOnce)]);
+    let p = newer.recv_publish();
+    assert_eq!(
+        (payload(&p), p.retain),
+        (&b"v2"[..], true),
+        "the replacement, retained"
+    );
+    publisher.publish("ret/a", QoS::AtLeastOnce, b"live", false);
+    let p = newer.recv_publish();
+    assert_eq!(
+        (payload(&p), p.retain),
+        (&b"live"[..], false),
+        "then live only"
+    );
+    assert_eq!(payload(&live.recv_publish()), b"live");
+
+    // Delete with an empty payload: forwarded as a normal (empty) message...
+    publisher.publish("ret/a", QoS::AtLeastOnce, b"", true);
+    let p = live.recv_publish();
+    assert_eq!(
+        (payload(&p), p.retain),
+        (&b""[..], false),
+        "the delete is forwarded"
+    );
+    // ...and nothing retained for the next subscriber.
+    let mut after = Raw::clean(broker.addr, "ret-after");
+    after.sub(&[("ret/a", QoS::AtLeastOnce)]);
+    publisher.publish("ret/a", QoS::AtLeastOnce, b"after delete", false);
+    let p = after.recv_publish();
+    assert_eq!(
+        (payload(&p), p.retain),
+        (&b"after delete"[..], false),
+        "a deleted retained message was sent"
+    );
+    assert_eq!(payload(&live.recv_publish()), b"after delete");
+
+    // QoS of a retained message: the lower of its own and the subscription's.
+    publisher.publish("ret/q", QoS::ExactlyOnce, b"q2", true);
+    assert_eq!(payload(&live.recv_publish()), b"q2");
+    let mut low = Raw::clean(broker.addr, "ret-low");
+    low.sub(&[("ret/q", QoS::AtLeastOnce)]);
+    let p = low.recv_publish();
+    assert_eq!(
+        (payload(&p), p.retain, p.qos),
+        (&b"q2"[..], true, QoS::AtLeastOnce)
+    );
+
+    // Subscribing again re-sends the retained messages (only ret/q is left).
+    live.sub(&[("ret/#", QoS::AtLeastOnce)]);
+    let p = live.recv_publish();
+    assert_eq!((p.topic.as_str(), p.retain), ("ret/q", true));
+    publisher.publish("ret/end", QoS::AtLeastOnce, b"", false);
+    let rest = live.publishes_until("ret/end");
+    assert!(
+        rest.is_empty(),
+        "more retained messages than ret/q: {rest:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Will, keep-alive, PING, DISCONNECT
+// ---------------------------------------------------------------------------------------------
+
+fn with_will(id: &str, topic: &str, retain: bool, keep_alive: u16) -> Connect {
+    let mut c = connect_packet(id, true);
+    c.keep_alive = keep_alive;
+    c.last_will = Some(LastWill::new(
+        topic,
+        format!("{id} is gone"),
+        QoS::AtLeastOnce,
+        retain,
+    ));
+    c
+}
+
+/// 3.1.2.5 [MQTT-3.1.2-8]: the will is published when the network connection closes without a
+/// DISCONNECT, at its QoS; a retained will is kept as the retained message.
+#[test]
+fn will_is_published_when_the_connection_drops() {
+    let (_data, broker) = broker("will-drop");
+    let mut observer = Raw::clean(broker.addr, "will-observer");
+    observer.sub(&[("will/#", QoS::AtLeastOnce)]);
+
+    let (mut client, _) = Raw::connect_with(broker.addr, with_will("dropper", "will/a", false, 60));
+    client.send(Packet::PingReq);
+    assert!(matches!(client.recv("PINGRESP"), Packet::PingResp));
+    drop(client);
+    let p = observer.recv_publish();
+    assert_eq!(
+        (p.topic.as_str(), payload(&p)),
+        ("will/a", &b"dropper is gone"[..])
+    );
+    assert_eq!(p.qos, QoS::AtLeastOnce, "the will's QoS");
+
+    let (client, _) = Raw::connect_with(broker.addr, with_will("keeper", "will/r", true, 60));
+    drop(client);
+    let p = observer.recv_publish();
+    assert_eq!(p.topic, "will/r");
+    // A retained will is retained: a later subscriber gets it.
+    let mut later = Raw::clean(broker.addr, "will-later");
+    later.sub(&[("will/r", QoS::AtLeastOnce)]);
+    let p = later.recv_publish();
+    assert_eq!((payload(&p), p.retain), (&b"keeper is gone"[..], true));
+}
+
+/// 3.1.2.10 [MQTT-3.1.2-24]: a client silent for 1.5 x its keep-alive is disconnected and its
+/// will published — not before the keep-alive has passed; a client sending PINGREQ stays
+/// connected past that; keep-alive 0 never times out.
+#[test]
+fn keep_alive_timeout_publishes_the_will_and_pings_keep_a_client_alive() {
+    let (_data, broker) = broker("keep-alive");
+    let mut observer = Raw::clean(broker.addr, "ka-observer");
+    observer.sub(&[("will/#", QoS::AtLeastOnce)]);
+
+    let start = Instant::now();
+    let (mut silent, _) =
+        Raw::connect_with(broker.addr, with_will("silent", "will/silent", false, 2));
+    let (mut pinger, _) =
+        Raw::connect_with(broker.addr, with_will("pinger", "will/pinger", false, 2));
+    let (mut forever, _) =
+        Raw::connect_with(broker.addr, with_will("forever", "will/forever", false, 0));
+
+    // The pinger pings every 500 ms for 5 s (well past 1.5 x 2 s) on its own thread.
+    let pinging = std::thread::spawn(move || {
+        while start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(500));
+            pinger.send(Packet::PingReq);
+            match pinger.recv("PINGRESP") {
+                Packet::PingResp => {}
+                other => panic!("pinger: expected PINGRESP, got {other:?}"),
+            }
+        }
+        pinger
+    });
+
+    let p = observer.recv_publish();
+    let after = start.elapsed();
+    assert_eq!(
+        p.topic, "will/silent",
+        "the first will is the silent client's"
+    );
+    assert!(
+        after >= Duration::from_secs(2),
+        "disconnected after {after:?}, before its keep-alive of 2 s"
+    );
+    assert!(
+        after <= Duration::from_secs(3) + Duration::from_secs(4),
+        "the will came {after:?} after the connect; keep-alive 2 s: due at 3 s"
+    );
+    silent.expect_closed("the silent client");
+
+    let pinger = pinging.join().expect("the pinger kept its connection");
+    pinger.disconnect();
+    // Keep-alive 0: still connected after 5 s of silence.
+    forever.send(Packet::PingReq);
+    assert!(matches!(forever.recv("PINGRESP"), Packet::PingResp));
+    drop(forever);
+    // The next will is `forever`'s (dropped): none for the pinger, which disconnected cleanly.
+    let p = observer.recv_publish();
+    assert_eq!(p.topic, "will/forever");
+    observer.expect_silence("after the wills");
+}
+
+/// 3.14.4 [MQTT-3.14.4-3]: after DISCONNECT the will is discarded, not published; the broker
+/// closes the connection (a SHOULD of 3.14.4).
+#[test]
+fn will_is_not_published_after_disconnect() {
+    let (_data, broker) = broker("will-disconnect");
+    let mut observer = Raw::clean(broker.addr, "wd-observer");
+    observer.sub(&[("will/#", QoS::AtLeastOnce)]);
+
+    let (mut polite, _) =
+        Raw::connect_with(broker.addr, with_will("polite", "will/polite", false, 60));
+    polite.send(Packet::Disconnect);
+    polite.expect_closed("after DISCONNECT");
+    drop(polite);
+
+    // A client dropped afterwards: its will is the first the observer sees.
+    let (rude, _) = Raw::connect_with(broker.addr, with_will("rude", "will/rude", false, 60));
+    drop(rude);
+    let p = observer.recv_publish();
+    assert_eq!(p.topic, "will/rude", "a will after DISCONNECT: {p:?}");
+    observer.expect_silence("after the rude client's will");
+}
+
+/// 3.12 / 3.13 [MQTT-3.12.4-1]: each PINGREQ gets a PINGRESP, also between other packets.
+#[test]
+fn pingreq_gets_pingresp() {
+    let (_data, broker) = broker("ping");
+    let mut client = Raw::clean(broker.addr, "pinger");
+    for _ in 0..3 {
+        client.send(Packet::PingReq);
+        assert!(matches!(client.recv("PINGRESP"), Packet::PingResp));
+    }
+    client.sub(&[("p/t", QoS::AtLeastOnce)]);
+    client.publish("p/t", QoS::AtLeastOnce, b"self", false);
+    client.send(Packet::PingReq);
+    let mut saw_pingresp = false;
+    let mut saw_publish = false;
+    while !(saw_pingresp && saw_publish) {
+        match client.recv("PINGRESP and PUBLISH") {
+            Packet::PingResp => saw_pingresp = true,
+            Packet::Publish(p) => {
+                client.ack(&p);
+                saw_publish = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rumqttc helpers
+// ---------------------------------------------------------------------------------------------
+
+type Events = std::sync::mpsc::Receiver<Result<rumqttc::Event, String>>;
+
+/// A rumqttc client driven on its own thread; its events come through the channel. The
+/// connection thread ends at the first error (no reconnecting) or when the client is dropped.
+fn rumqtt(
+    addr: SocketAddr,
+    id: &str,
+    clean: bool,
+) -> (rumqttc::Client, Events, std::thread::JoinHandle<()>) {
+    rumqtt_with(addr, id, clean, |ack| {
+        assert_eq!(ack.code, ConnectReturnCode::Success)
+    })
+}
+
+/// [`rumqtt`], with a check of its CONNACK (done before returning).
+fn rumqtt_with(
+    addr: SocketAddr,
+    id: &str,
+    clean: bool,
+    check: impl FnOnce(&ConnAck),
+) -> (rumqttc::Client, Events, std::thread::JoinHandle<()>) {
+    let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    options.set_clean_session(clean);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut connection) = rumqttc::Client::new(options, 128);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        for event in connection.iter() {
+            let stop = event.is_err();
+            if tx.send(event.map_err(|e| e.to_string())).is_err() || stop {
+                break;
+            }
+        }
+    });
+    match incoming(&rx, "CONNACK") {
+        Packet::ConnAck(ack) => check(&ack),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    (client, rx, handle)
+}
+
+/// The next incoming packet of a rumqttc client (outgoing events skipped).
+fn incoming(events: &Events, what: &str) -> Packet {
+    let until = Instant::now() + WAIT;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(Ok(rumqttc::Event::Incoming(p))) => return p,
+            Ok(Ok(rumqttc::Event::Outgoing(_))) => {}
+            Ok(Err(e)) => panic!("expected {what}: the client's connection failed: {e}"),
+            Err(e) => panic!("expected {what}: {e:?}"),
+        }
+    }
+}
