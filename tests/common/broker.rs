@@ -107,15 +107,31 @@ impl Broker {
         Broker::spawn(cmd, true)
     }
 
+    /// Like [`start`](Self::start), with `ours` added to our broker's command line, or `conf`
+    /// (whole lines, e.g. `"max_packet_size 1024\n"`) added to mosquitto's configuration: the
+    /// same setting said in each broker's terms.
+    pub fn start_with(data: &DataDir, ours: &[&str], conf: &str) -> Broker {
+        if under_test() == "mosquitto" {
+            Broker::mosquitto_with(data, conf)
+        } else {
+            Broker::ours(data, ours)
+        }
+    }
+
     /// mosquitto on a free port, no persistence, with the settings our defaults mirror.
     pub fn mosquitto(data: &DataDir) -> Broker {
+        Broker::mosquitto_with(data, "")
+    }
+
+    /// [`mosquitto`](Self::mosquitto) with `extra` appended to its configuration file.
+    pub fn mosquitto_with(data: &DataDir, extra: &str) -> Broker {
         let port = free_port();
         let conf = data.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 log_dest stderr\nlog_type all\n"
+                 log_dest stderr\nlog_type all\n{extra}"
             ),
         )
         .expect("write mosquitto.conf");
@@ -229,6 +245,36 @@ impl Drop for Broker {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Runs our example broker with exactly `args` (no defaults added) until it exits, for the
+/// command-line tests: its exit status (`None` if it was still running after `timeout`, when it
+/// is killed) and everything it printed.
+pub fn run_ours(args: &[&str], timeout: Duration) -> (Option<ExitStatus>, String) {
+    let mut cmd = Command::new(example_binary("broker", &["web"]));
+    cmd.args(args).env_remove("RUST_LOG");
+    if let Ok(filter) = std::env::var("BROKER_LOG") {
+        cmd.env("RUST_LOG", filter);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start the broker");
+    let (lines, _) = Lines::collect_merged(
+        child.stdout.take().expect("stdout"),
+        child.stderr.take().expect("stderr"),
+    );
+    let until = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() >= until {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status, lines.all(Duration::from_secs(5)))
 }
 
 /// A port nobody listens on right now.

@@ -1,0 +1,1130 @@
+//! The example broker as a process, seen from outside: malformed input closes only the offending
+//! connection; the command line's errors; SIGTERM and kill -9 under load lose no acknowledged
+//! message; a client that does not read cannot hold the shutdown; the health endpoint.
+//!
+//! The `malformed_*` tests are about MQTT 3.1.1 itself and also run against mosquitto
+//! (`BROKER_UNDER_TEST=mosquitto cargo test --all-features --test broker_process malformed`); the
+//! others are about our process (its flags, signals, data dir and report) and always run ours.
+//!
+//! Raw clients are written with rumqttc's packet codec over a blocking `TcpStream`, so a test
+//! controls every byte and every packet id (and records a message before acknowledging it).
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
+};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+
+use common::broker::{run_ours, under_test, Broker, DataDir};
+
+/// The largest packet the test clients decode.
+const MAX_PACKET: usize = 1 << 28;
+/// How long a broker gets to answer a packet, on a loaded 2-core machine.
+const REPLY_WITHIN: Duration = Duration::from_secs(15);
+/// How long a broker gets to close a connection it must close.
+const CLOSE_WITHIN: Duration = Duration::from_secs(15);
+/// How long a command-line error may take to exit (the binary is already built).
+const CLI_WITHIN: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// A raw MQTT client
+// ---------------------------------------------------------------------------------------------
+
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+fn encode(packet: &Packet) -> BytesMut {
+    let mut buf = BytesMut::new();
+    packet.write(&mut buf, MAX_PACKET).expect("encode a packet");
+    buf
+}
+
+/// A connection to the broker that speaks packets (or any bytes) with a bound on every wait.
+struct Raw {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    /// A TCP connection, no MQTT yet.
+    fn tcp(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect_timeout(&addr, REPLY_WITHIN)
+            .unwrap_or_else(|e| panic!("connect to the broker at {addr}: {e}"));
+        stream.set_nodelay(true).expect("TCP_NODELAY");
+        Raw {
+            stream,
+            buf: BytesMut::with_capacity(16 * 1024),
+        }
+    }
+
+    /// A CONNECTed client (panics unless the broker accepts it).
+    fn connect(addr: SocketAddr, id: &str, clean: bool, keep_alive: u16) -> (Raw, ConnAck) {
+        let mut raw = Raw::tcp(addr);
+        let mut connect = Connect::new(id);
+        connect.clean_session = clean;
+        connect.keep_alive = keep_alive;
+        raw.send(&Packet::Connect(connect));
+        match raw.recv(REPLY_WITHIN) {
+            Ok(Some(Packet::ConnAck(ack))) => {
+                assert_eq!(
+                    ack.code,
+                    ConnectReturnCode::Success,
+                    "the broker refused {id}"
+                );
+                (raw, ack)
+            }
+            other => panic!("expected a CONNACK for {id}, got {other:?}"),
+        }
+    }
+
+    fn local(&self) -> SocketAddr {
+        self.stream.local_addr().expect("local address")
+    }
+
+    fn write_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.set_write_timeout(Some(REPLY_WITHIN))?;
+        self.stream.write_all(bytes)
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        self.write_bytes(&encode(packet))
+            .unwrap_or_else(|e| panic!("send {packet:?}: {e}"));
+    }
+
+    /// Subscribes to `filter` and waits for the SUBACK granting `qos`.
+    fn subscribe(&mut self, filter: &str, qos: QoS, pkid: u16) {
+        let mut subscribe = Subscribe::new(filter, qos);
+        subscribe.pkid = pkid;
+        self.send(&Packet::Subscribe(subscribe));
+        match self.recv(REPLY_WITHIN) {
+            Ok(Some(Packet::SubAck(ack))) => {
+                assert_eq!(ack.pkid, pkid);
+                assert_eq!(
+                    ack.return_codes,
+                    vec![SubscribeReasonCode::Success(qos)],
+                    "SUBACK for {filter}"
+                );
+            }
+            other => panic!("expected a SUBACK for {filter}, got {other:?}"),
+        }
+    }
+
+    /// The next packet: `Ok(None)` if none came within `timeout`; `Err` if the connection closed
+    /// or its bytes are not a packet.
+    fn recv(&mut self, timeout: Duration) -> io::Result<Option<Packet>> {
+        let until = Instant::now() + timeout;
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match Packet::read(&mut self.buf, MAX_PACKET) {
+                Ok(packet) => return Ok(Some(packet)),
+                Err(CodecError::InsufficientBytes(_)) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if transient(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until the broker closes this connection (EOF or reset), ignoring what it sends
+    /// before; how long that took, or `Err` if it is still open after `timeout`.
+    fn closed_within(&mut self, timeout: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        let until = start + timeout;
+        let mut chunk = [0u8; 4096];
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("the connection is still open after {timeout:?}"));
+            }
+            self.stream.set_read_timeout(Some(left)).expect("timeout");
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(start.elapsed()),
+                Ok(_) => {}
+                Err(e) if transient(&e) => {}
+                Err(_) => return Ok(start.elapsed()),
+            }
+        }
+    }
+}
+
+/// A message's payload: its sequence number, then padding up to `len` bytes.
+fn payload(seq: u64, len: usize) -> Vec<u8> {
+    let mut p = seq.to_be_bytes().to_vec();
+    p.resize(len.max(8), b'.');
+    p
+}
+
+fn seq_of(publish: &Publish) -> u64 {
+    let bytes: [u8; 8] = publish.payload[..8]
+        .try_into()
+        .unwrap_or_else(|_| panic!("a payload without a sequence number: {publish:?}"));
+    u64::from_be_bytes(bytes)
+}
+
+fn publish(topic: &str, qos: QoS, pkid: u16, body: Vec<u8>) -> Packet {
+    let mut p = Publish::new(topic, qos, body);
+    p.pkid = pkid;
+    Packet::Publish(p)
+}
+
+/// Writes all of `buf`, giving up when `stop` is set (the socket has a short write timeout).
+fn write_all_until(stream: &mut TcpStream, mut buf: &[u8], stop: &AtomicBool) -> io::Result<()> {
+    while !buf.is_empty() {
+        if stop.load(Ordering::Relaxed) {
+            return Err(io::Error::other("stopped"));
+        }
+        match stream.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if transient(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Malformed input: the offending connection is closed, the others keep working
+// ---------------------------------------------------------------------------------------------
+
+/// A well-behaved client subscribed to its own topics (QoS 1), that checks the broker still
+/// serves it: it publishes and gets its own message back, and nothing else.
+struct Observer {
+    raw: Raw,
+    name: String,
+    round: u16,
+}
+
+impl Observer {
+    fn new(addr: SocketAddr, name: &str) -> Observer {
+        let (mut raw, _) = Raw::connect(addr, &format!("observer-{name}"), true, 60);
+        raw.subscribe(&format!("probe/{name}/#"), QoS::AtLeastOnce, 1);
+        let mut observer = Observer {
+            raw,
+            name: name.to_owned(),
+            round: 0,
+        };
+        observer.round_trip("before the bad connection");
+        observer
+    }
+
+    /// The topic a bad connection publishes to: the observer must never get its messages.
+    fn bad_topic(&self) -> String {
+        format!("probe/{}/bad", self.name)
+    }
+
+    /// Publishes a QoS 1 message on its own topic and waits for both the PUBACK and the message
+    /// itself; panics if the connection is gone or a bad connection's message arrives.
+    fn round_trip(&mut self, when: &str) {
+        self.round += 1;
+        let pkid = self.round + 1;
+        let topic = format!("probe/{}/ok", self.name);
+        // Bigger than a trivial packet, below the 1024-byte limit of the oversized test.
+        let body = payload(u64::from(self.round), 900);
+        self.raw
+            .send(&publish(&topic, QoS::AtLeastOnce, pkid, body.clone()));
+        let until = Instant::now() + REPLY_WITHIN;
+        let (mut acked, mut got) = (false, false);
+        while !(acked && got) {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.raw.recv(left) {
+                Ok(Some(Packet::PubAck(ack))) if ack.pkid == pkid => acked = true,
+                Ok(Some(Packet::Publish(p))) => {
+                    assert_eq!(
+                        p.topic, topic,
+                        "{when}: the observer got a message it did not publish: {p:?}"
+                    );
+                    assert_eq!(&p.payload[..], &body[..], "{when}: a changed payload");
+                    if p.qos != QoS::AtMostOnce {
+                        self.raw.send(&Packet::PubAck(PubAck::new(p.pkid)));
+                    }
+                    got = true;
+                }
+                Ok(Some(other)) => panic!("{when}: the observer got an unexpected {other:?}"),
+                Ok(None) => panic!(
+                    "{when}: the observer's message did not come back within {REPLY_WITHIN:?} \
+                     (PUBACK: {acked}, message: {got})"
+                ),
+                Err(e) => panic!("{when}: the observer's connection broke: {e}"),
+            }
+        }
+    }
+}
+
+/// A line of the broker's log that names `peer` (and not a longer port that starts the same).
+fn names_peer(line: &str, peer: SocketAddr) -> bool {
+    let peer = peer.to_string();
+    line.match_indices(&peer).any(|(at, _)| {
+        !line[at + peer.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+    })
+}
+
+/// Asserts the broker closes `bad` within [`CLOSE_WITHIN`], and (ours) logs a line naming it.
+fn assert_closed(broker: &Broker, bad: &mut Raw, peer: SocketAddr, what: &str, logged: bool) {
+    match bad.closed_within(CLOSE_WITHIN) {
+        Ok(took) => eprintln!("{what}: closed after {took:?}"),
+        Err(e) => panic!("{what}: {e}; the broker's output:\n{}", broker.output()),
+    }
+    if logged && under_test() == "ours" {
+        assert!(
+            broker
+                .lines
+                .wait_for(REPLY_WITHIN, |l| names_peer(l, peer))
+                .is_some(),
+            "{what}: no log line names the peer {peer}; the broker's output:\n{}",
+            broker.output()
+        );
+    }
+}
+
+#[test]
+fn malformed_garbage_before_connect_closes_only_that_connection() {
+    let data = DataDir::new("malformed_garbage");
+    let broker = Broker::start(&data);
+    let mut observer = Observer::new(broker.addr, "garbage");
+
+    let mut bad = Raw::tcp(broker.addr);
+    let peer = bad.local();
+    // 0xFF: the reserved packet type 15, then a remaining length that never ends (four
+    // continuation bytes), then noise.
+    let mut garbage = vec![0xFF; 5];
+    garbage.extend((0u8..64).map(|i| i.wrapping_mul(37) ^ 0x5A));
+    let _ = bad.write_bytes(&garbage); // the broker may close before it has read it all
+    assert_closed(&broker, &mut bad, peer, "garbage before CONNECT", true);
+
+    observer.round_trip("after garbage before CONNECT");
+}
+
+#[test]
+fn malformed_reserved_packet_type_after_connect_closes_only_that_connection() {
+    let data = DataDir::new("malformed_reserved");
+    let broker = Broker::start(&data);
+    let mut observer = Observer::new(broker.addr, "reserved");
+
+    let (mut bad, _) = Raw::connect(broker.addr, "reserved-type", true, 60);
+    let peer = bad.local();
+    // Packet type 15 is reserved in MQTT 3.1.1; then noise.
+    let _ = bad.write_bytes(&[0xF0, 0x00, 0x13, 0x37, 0x00, 0x42]);
+    assert_closed(&broker, &mut bad, peer, "a reserved packet type", true);
+
+    observer.round_trip("after a reserved packet type");
+}
+
+#[test]
+fn malformed_truncated_connect_then_half_close_is_closed() {
+    let data = DataDir::new("malformed_truncated_eof");
+    let broker = Broker::start(&data);
+    let mut observer = Observer::new(broker.addr, "truncated-eof");
+
+    let mut bad = Raw::tcp(broker.addr);
+    let peer = bad.local();
+    let connect = encode(&Packet::Connect(Connect::new("truncated-connect")));
+    bad.write_bytes(&connect[..connect.len() / 2])
+        .expect("send half a CONNECT");
+    bad.stream.shutdown(Shutdown::Write).expect("half-close");
+    assert_closed(&broker, &mut bad, peer, "half a CONNECT, then EOF", false);
+
+    observer.round_trip("after half a CONNECT and EOF");
+}
+
+#[test]
+fn malformed_truncated_publish_then_silence_is_closed_by_keep_alive() {
+    let data = DataDir::new("malformed_truncated_silent");
+    let broker = Broker::start(&data);
+    let mut observer = Observer::new(broker.addr, "truncated-silent");
+
+    // Keep-alive 1 s: a broker must close it 1.5 s after the last packet it got complete.
+    let (mut bad, _) = Raw::connect(broker.addr, "truncated-silent", true, 1);
+    let peer = bad.local();
+    let packet = encode(&publish(
+        &observer.bad_topic(),
+        QoS::AtLeastOnce,
+        7,
+        payload(0, 200),
+    ));
+    bad.write_bytes(&packet[..packet.len() / 2])
+        .expect("send half a PUBLISH");
+    // ... and nothing else, not even a PINGREQ.
+    assert_closed(
+        &broker,
+        &mut bad,
+        peer,
+        "half a PUBLISH, then silence",
+        false,
+    );
+
+    observer.round_trip("after half a PUBLISH and silence");
+}
+
+#[test]
+fn malformed_oversized_packet_closes_only_that_connection() {
+    let data = DataDir::new("malformed_oversized");
+    let broker = Broker::start_with(
+        &data,
+        &["--max-packet-size", "1024"],
+        "max_packet_size 1024\n",
+    );
+    let mut observer = Observer::new(broker.addr, "oversized");
+
+    let (mut bad, _) = Raw::connect(broker.addr, "oversized", true, 60);
+    let peer = bad.local();
+    let big = encode(&publish(
+        &observer.bad_topic(),
+        QoS::AtLeastOnce,
+        1,
+        payload(0, 4096),
+    ));
+    // The broker may close as soon as it has read the fixed header.
+    let _ = bad.write_bytes(&big);
+    assert_closed(
+        &broker,
+        &mut bad,
+        peer,
+        "a 4 KiB PUBLISH over a 1 KiB limit",
+        true,
+    );
+
+    observer.round_trip("after an oversized PUBLISH");
+}
+
+#[test]
+fn malformed_publish_before_connect_closes_only_that_connection() {
+    let data = DataDir::new("malformed_publish_first");
+    let broker = Broker::start(&data);
+    let mut observer = Observer::new(broker.addr, "publish-first");
+
+    let mut bad = Raw::tcp(broker.addr);
+    let peer = bad.local();
+    let _ = bad.write_bytes(&encode(&publish(
+        &observer.bad_topic(),
+        QoS::AtMostOnce,
+        0,
+        payload(0, 16),
+    )));
+    assert_closed(&broker, &mut bad, peer, "a PUBLISH before CONNECT", true);
+
+    observer.round_trip("after a PUBLISH before CONNECT");
+}
+
+#[test]
+fn malformed_second_connect_closes_only_that_connection() {
+    let data = DataDir::new("malformed_second_connect");
+    let broker = Broker::start(&data);
+    let mut observer = Observer::new(broker.addr, "second-connect");
+
+    let (mut bad, _) = Raw::connect(broker.addr, "second-connect", true, 60);
+    let peer = bad.local();
+    let _ = bad.write_bytes(&encode(&Packet::Connect(Connect::new("second-connect"))));
+    assert_closed(&broker, &mut bad, peer, "a second CONNECT", true);
+
+    observer.round_trip("after a second CONNECT");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line (ours)
+// ---------------------------------------------------------------------------------------------
+
+/// Runs ours with `args` (plus a data dir and a free health port unless given), expecting it to
+/// exit 2 at once; returns its output.
+fn cli_error(data: &DataDir, args: &[&str]) -> String {
+    let dir = data.path().display().to_string();
+    let mut full: Vec<&str> = args.to_vec();
+    if !args.contains(&"--data-dir") {
+        full.extend(["--data-dir", &dir]);
+    }
+    if !args.contains(&"--health") {
+        full.extend(["--health", "127.0.0.1:0"]);
+    }
+    let (status, output) = run_ours(&full, CLI_WITHIN);
+    let Some(status) = status else {
+        panic!("`broker {full:?}` was still running after {CLI_WITHIN:?}; output:\n{output}")
+    };
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "`broker {full:?}` should exit 2; output:\n{output}"
+    );
+    assert!(
+        !output.contains("listening on "),
+        "`broker {full:?}` said it was listening:\n{output}"
+    );
+    output
+}
+
+#[test]
+fn cli_unknown_flag_exits_2_naming_it() {
+    let data = DataDir::new("cli_unknown");
+    let out = cli_error(&data, &["--bind", "127.0.0.1:0", "--frobnicate", "7"]);
+    assert!(
+        out.contains("--frobnicate"),
+        "the message does not name the flag:\n{out}"
+    );
+}
+
+#[test]
+fn cli_bad_shutdown_timeout_exits_2_naming_it() {
+    let data = DataDir::new("cli_bad_timeout");
+    let out = cli_error(
+        &data,
+        &["--bind", "127.0.0.1:0", "--shutdown-timeout", "abc"],
+    );
+    assert!(
+        out.contains("--shutdown-timeout") && out.contains("abc"),
+        "the message does not name the flag and its value:\n{out}"
+    );
+}
+
+#[test]
+fn cli_bad_bind_address_exits_2_naming_it() {
+    let data = DataDir::new("cli_bad_bind");
+    let out = cli_error(&data, &["--bind", "not-an-address"]);
+    assert!(
+        out.contains("not-an-address"),
+        "the message does not name the address:\n{out}"
+    );
+}
+
+#[test]
+fn cli_bind_address_in_use_exits_2_naming_it() {
+    let data = DataDir::new("cli_bind_in_use");
+    let taken = TcpListener::bind("127.0.0.1:0").expect("take a port");
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = cli_error(&data, &["--bind", &addr]);
+    assert!(
+        out.contains(&addr) && out.to_lowercase().contains("in use"),
+        "the message does not say {addr} is in use:\n{out}"
+    );
+    drop(taken);
+}
+
+#[test]
+fn cli_health_address_in_use_exits_2() {
+    let data = DataDir::new("cli_health_in_use");
+    let taken = TcpListener::bind("127.0.0.1:0").expect("take a port");
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = cli_error(&data, &["--bind", "127.0.0.1:0", "--health", &addr]);
+    assert!(
+        out.contains("health") && out.to_lowercase().contains("in use"),
+        "the message does not say the health address is in use:\n{out}"
+    );
+    drop(taken);
+}
+
+/// The numbers of the last line: `closed N connections, delivered M messages during the drain,
+/// K messages stored for offline sessions`.
+fn summary(output: &str) -> Option<(u64, u64, u64)> {
+    let line = output.lines().rev().find(|l| !l.trim().is_empty())?;
+    if !(line.contains("closed ")
+        && line.contains("connections, delivered ")
+        && line.contains("messages stored for offline sessions"))
+    {
+        return None;
+    }
+    let at = line.find("closed ")?;
+    let n: Vec<u64> = line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match n[..] {
+        [a, b, c] => Some((a, b, c)),
+        _ => None,
+    }
+}
+
+#[test]
+fn cli_normal_start_logs_one_listening_line_and_stops_with_the_summary() {
+    let data = DataDir::new("cli_normal_start");
+    let mut broker = Broker::ours(&data, &[]);
+    // A client makes sure it is really serving, not just logging.
+    let (_client, _) = Raw::connect(broker.addr, "cli-normal", true, 60);
+    let status = broker.stop(Duration::from_secs(30));
+    let out = broker.lines.all(REPLY_WITHIN);
+    assert_eq!(status.code(), Some(0), "output:\n{out}");
+    let listening: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("listening on "))
+        .collect();
+    assert_eq!(listening.len(), 1, "`listening on` lines:\n{out}");
+    assert!(
+        names_peer(listening[0], broker.addr),
+        "`{}` is not the address clients reach: {}",
+        listening[0],
+        broker.addr
+    );
+    assert!(
+        out.lines()
+            .filter(|l| l.contains("health on http://"))
+            .count()
+            == 1,
+        "one `health on` line:\n{out}"
+    );
+    let Some((closed, _, _)) = summary(&out) else {
+        panic!("the last line is not the summary:\n{out}")
+    };
+    assert_eq!(closed, 1, "one client was connected at SIGTERM:\n{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load: a raw QoS 1 publisher that knows which sequence numbers were acknowledged
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct PubState {
+    /// pkid -> sequence number, for the publishes not acknowledged yet.
+    inflight: HashMap<u16, u64>,
+    acked: Vec<u64>,
+    sent: u64,
+    /// PUBACKs for a packet id that was not in flight.
+    stray_acks: u64,
+    closed: Option<String>,
+}
+
+struct PubShared {
+    state: Mutex<PubState>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+/// Publishes QoS 1 messages with sequence numbers as fast as the broker takes them, at most
+/// `window` unacknowledged, until stopped or disconnected.
+struct LoadPublisher {
+    shared: Arc<PubShared>,
+    stream: TcpStream,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// What a publisher did.
+struct Published {
+    acked: Vec<u64>,
+    sent: u64,
+    stray_acks: u64,
+}
+
+impl LoadPublisher {
+    fn start(addr: SocketAddr, id: &str, topic: &str, len: usize, window: usize) -> LoadPublisher {
+        assert!(window < 65_535);
+        let (raw, _) = Raw::connect(addr, id, true, 0);
+        let shared = Arc::new(PubShared {
+            state: Mutex::new(PubState::default()),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let stream = raw.stream.try_clone().expect("clone the socket");
+        let mut writer = raw.stream.try_clone().expect("clone the socket");
+        writer
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut reader = raw;
+        // A hard bound, should the test forget to stop it.
+        let deadline = Instant::now() + Duration::from_secs(300);
+
+        let w = shared.clone();
+        let topic = topic.to_owned();
+        let write = std::thread::spawn(move || {
+            let mut pkid: u16 = 0;
+            loop {
+                let (id, seq) = {
+                    let mut s = w.state.lock().unwrap();
+                    loop {
+                        if w.stop.load(Ordering::Relaxed)
+                            || s.closed.is_some()
+                            || Instant::now() > deadline
+                        {
+                            return;
+                        }
+                        if s.inflight.len() < window {
+                            break;
+                        }
+                        s = w
+                            .changed
+                            .wait_timeout(s, Duration::from_millis(100))
+                            .unwrap()
+                            .0;
+                    }
+                    loop {
+                        pkid = pkid % 65_535 + 1;
+                        if !s.inflight.contains_key(&pkid) {
+                            break;
+                        }
+                    }
+                    let seq = s.sent;
+                    s.sent += 1;
+                    s.inflight.insert(pkid, seq);
+                    (pkid, seq)
+                };
+                let packet = encode(&publish(&topic, QoS::AtLeastOnce, id, payload(seq, len)));
+                if let Err(e) = write_all_until(&mut writer, &packet, &w.stop) {
+                    let mut s = w.state.lock().unwrap();
+                    s.closed.get_or_insert(format!("write: {e}"));
+                    w.changed.notify_all();
+                    return;
+                }
+            }
+        });
+
+        let r = shared.clone();
+        let read = std::thread::spawn(move || loop {
+            if r.stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                return;
+            }
+            let got = reader.recv(Duration::from_millis(200));
+            let mut s = r.state.lock().unwrap();
+            match got {
+                Ok(Some(Packet::PubAck(ack))) => match s.inflight.remove(&ack.pkid) {
+                    Some(seq) => s.acked.push(seq),
+                    None => s.stray_acks += 1,
+                },
+                Ok(_) => continue,
+                Err(e) => {
+                    s.closed.get_or_insert(format!("read: {e}"));
+                    r.changed.notify_all();
+                    return;
+                }
+            }
+            r.changed.notify_all();
+        });
+
+        LoadPublisher {
+            shared,
+            stream,
+            threads: vec![write, read],
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.shared.state.lock().unwrap().acked.len()
+    }
+
+    /// Waits until `n` messages are acknowledged, or at least one is after `soon`; bounded by
+    /// `max`. Returns how many are.
+    fn wait_acked(&self, n: usize, soon: Duration, max: Duration) -> usize {
+        let start = Instant::now();
+        let mut s = self.shared.state.lock().unwrap();
+        loop {
+            let elapsed = start.elapsed();
+            if s.acked.len() >= n
+                || (elapsed >= soon && !s.acked.is_empty())
+                || elapsed >= max
+                || s.closed.is_some()
+            {
+                return s.acked.len();
+            }
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, Duration::from_millis(50))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits (up to `timeout`) for the broker to close the connection; whether it did.
+    fn wait_closed(&self, timeout: Duration) -> Option<String> {
+        let until = Instant::now() + timeout;
+        let mut s = self.shared.state.lock().unwrap();
+        while s.closed.is_none() && Instant::now() < until {
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, Duration::from_millis(50))
+                .unwrap()
+                .0;
+        }
+        s.closed.clone()
+    }
+
+    /// Stops both threads (bounded: they poll the flag every 100-200 ms) and says what happened.
+    fn finish(mut self) -> Published {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        for t in self.threads.drain(..) {
+            t.join().expect("a publisher thread panicked");
+        }
+        let s = self.shared.state.lock().unwrap();
+        Published {
+            acked: s.acked.clone(),
+            sent: s.sent,
+            stray_acks: s.stray_acks,
+        }
+    }
+}
+
+impl Drop for LoadPublisher {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// Reads `sub` until its connection closes (or `limit`), recording every message's sequence
+/// number before acknowledging it.
+fn spawn_collector(
+    mut sub: Raw,
+    received: Arc<Mutex<Vec<u64>>>,
+    limit: Duration,
+) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            match sub.recv(Duration::from_millis(200)) {
+                Ok(Some(Packet::Publish(p))) => {
+                    received.lock().unwrap().push(seq_of(&p));
+                    if p.qos == QoS::AtLeastOnce
+                        && sub
+                            .write_bytes(&encode(&Packet::PubAck(PubAck::new(p.pkid))))
+                            .is_err()
+                    {
+                        return "closed while acknowledging".to_owned();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return format!("closed: {e}"),
+            }
+        }
+        format!("still open after {limit:?}")
+    })
+}
+
+/// Reads `sub` until every one of `want` has arrived (then until 1 s passes without a message)
+/// or, if some never come, 10 s without a message; bounded by 120 s. Acknowledges each.
+fn collect_until_idle(sub: &mut Raw, want: &BTreeSet<u64>, have: &BTreeSet<u64>) -> Vec<u64> {
+    let mut missing: BTreeSet<u64> = want.difference(have).copied().collect();
+    let mut got = Vec::new();
+    let start = Instant::now();
+    let mut last = Instant::now();
+    loop {
+        let idle = if missing.is_empty() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(10)
+        };
+        if last.elapsed() >= idle || start.elapsed() >= Duration::from_secs(120) {
+            return got;
+        }
+        match sub.recv(Duration::from_millis(100)) {
+            Ok(Some(Packet::Publish(p))) => {
+                let seq = seq_of(&p);
+                missing.remove(&seq);
+                got.push(seq);
+                last = Instant::now();
+                if p.qos == QoS::AtLeastOnce {
+                    sub.send(&Packet::PubAck(PubAck::new(p.pkid)));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the subscriber's connection broke after the restart: {e}"),
+        }
+    }
+}
+
+/// A persistent QoS 1 subscriber (connected and reading, or gone offline after subscribing) and a
+/// flat-out QoS 1 publisher; the broker is stopped half-way (SIGTERM or SIGKILL), restarted on
+/// the same data dir, and the subscriber reconnected: every acknowledged sequence number must
+/// have reached it, before or after the restart.
+fn stop_under_load(name: &str, kill: bool, online: bool) {
+    const BUDGET: Duration = Duration::from_secs(10);
+    let data = DataDir::new(name);
+    // Room for everything in the offline session's queue: a full queue may leave out even an
+    // acknowledged message (the contract), which is not what this test is about.
+    let args = ["--shutdown-timeout", "10s", "--max-queued", "1000000"];
+    let mut broker = Broker::ours(&data, &args);
+
+    let sub_id = format!("{name}-sub");
+    let (mut sub, ack) = Raw::connect(broker.addr, &sub_id, false, 0);
+    assert!(!ack.session_present, "a fresh data dir has no session");
+    sub.subscribe("load/#", QoS::AtLeastOnce, 1);
+    let before = Arc::new(Mutex::new(Vec::new()));
+    let collector = if online {
+        spawn_collector(sub, before.clone(), Duration::from_secs(180))
+    } else {
+        sub.send(&Packet::Disconnect);
+        sub.closed_within(CLOSE_WITHIN)
+            .expect("the broker closes the connection after DISCONNECT");
+        std::thread::spawn(|| "offline".to_owned())
+    };
+
+    let publisher = LoadPublisher::start(broker.addr, &format!("{name}-pub"), "load/seq", 32, 1000);
+    let acked_at_signal =
+        publisher.wait_acked(2000, Duration::from_secs(1), Duration::from_secs(60));
+    assert!(
+        acked_at_signal > 0,
+        "no PUBACK within 60 s; the broker's output:\n{}",
+        broker.output()
+    );
+
+    let mut stored_at_exit = None;
+    let signalled = Instant::now();
+    if kill {
+        broker.sigkill();
+        broker
+            .wait(REPLY_WITHIN)
+            .expect("the broker survived SIGKILL");
+    } else {
+        broker.sigterm();
+        let status = broker
+            .wait(BUDGET + Duration::from_secs(3))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the broker did not exit within its {BUDGET:?} budget (+3 s) of SIGTERM; \
+                 output:\n{}",
+                    broker.output()
+                )
+            });
+        let took = signalled.elapsed();
+        let out = broker.lines.all(REPLY_WITHIN);
+        assert_eq!(status.code(), Some(0), "exit after SIGTERM; output:\n{out}");
+        let Some((closed, delivered, stored)) = summary(&out) else {
+            panic!("the last line is not the summary:\n{out}")
+        };
+        eprintln!(
+            "{name}: exited 0 {took:?} after SIGTERM; summary: closed {closed} connections, \
+             delivered {delivered} during the drain, {stored} stored for offline sessions"
+        );
+        let connected = if online { 2 } else { 1 };
+        assert_eq!(closed, connected, "connections open at SIGTERM:\n{out}");
+        stored_at_exit = Some(stored);
+    }
+    let exit_time = signalled.elapsed();
+
+    let why = publisher.wait_closed(REPLY_WITHIN);
+    assert!(
+        why.is_some(),
+        "the publisher's connection outlived the broker"
+    );
+    let published = publisher.finish();
+    let collector_end = collector.join().expect("the collector panicked");
+    let before = std::mem::take(&mut *before.lock().unwrap());
+
+    let mut broker = Broker::ours(&data, &args);
+    let (mut sub, ack) = Raw::connect(broker.addr, &sub_id, false, 0);
+    assert!(
+        ack.session_present,
+        "the persistent session did not survive the restart; output:\n{}",
+        broker.output()
+    );
+    let acked: BTreeSet<u64> = published.acked.iter().copied().collect();
+    let seen_before: BTreeSet<u64> = before.iter().copied().collect();
+    let after = collect_until_idle(&mut sub, &acked, &seen_before);
+
+    let mut all = seen_before.clone();
+    all.extend(after.iter().copied());
+    let missing: Vec<u64> = acked.difference(&all).copied().collect();
+    let received = before.len() + after.len();
+    let duplicates = received - all.len();
+    let unsent: Vec<u64> = all.range(published.sent..).copied().collect();
+    eprintln!(
+        "{name}: {} sent, {acked_at_signal} acked at the signal, {} acked in all; subscriber got \
+         {} before ({collector_end}) and {} after the restart, {duplicates} duplicates, \
+         {} acked never delivered; broker gone {exit_time:?} after the signal",
+        published.sent,
+        acked.len(),
+        before.len(),
+        after.len(),
+        missing.len(),
+    );
+    assert_eq!(
+        published.stray_acks, 0,
+        "PUBACKs for packet ids not in flight"
+    );
+    assert!(unsent.is_empty(), "delivered but never sent: {unsent:?}");
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged messages never reached the persistent subscriber (first: {:?}); \
+         output after the restart:\n{}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(20)],
+        broker.output()
+    );
+    if let (Some(stored), false) = (stored_at_exit, online) {
+        assert!(
+            stored >= acked.len() as u64,
+            "the summary says {stored} messages stored for the offline session, but {} were \
+             acknowledged for it",
+            acked.len()
+        );
+    }
+    let status = broker.stop(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "the restarted broker's exit");
+}
+
+#[test]
+fn sigterm_under_load_loses_no_acknowledged_message() {
+    stop_under_load("sigterm_under_load", false, true);
+}
+
+#[test]
+fn sigterm_under_load_keeps_what_an_offline_session_is_owed() {
+    stop_under_load("sigterm_offline", false, false);
+}
+
+#[test]
+fn kill_9_under_load_keeps_what_an_offline_session_is_owed() {
+    stop_under_load("kill9_offline", true, false);
+}
+
+#[test]
+fn kill_9_under_load_loses_no_acknowledged_message() {
+    stop_under_load("kill9_under_load", true, true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A client that does not read
+// ---------------------------------------------------------------------------------------------
+
+/// The process's resident memory, in bytes.
+fn rss(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[test]
+fn a_client_that_does_not_read_slows_publishers_and_cannot_hold_the_shutdown() {
+    const RSS_BOUND: u64 = 300 << 20;
+    let data = DataDir::new("non_reader");
+    let mut broker = Broker::ours(&data, &["--shutdown-timeout", "3s"]);
+    let health = broker.health.expect("a health address");
+
+    // Subscribes at QoS 0 (no inflight window: the broker writes until the socket is full),
+    // then never reads again.
+    let (mut sleeper, _) = Raw::connect(broker.addr, "non-reader", true, 0);
+    sleeper.subscribe("flood/#", QoS::AtMostOnce, 1);
+
+    let publisher = LoadPublisher::start(broker.addr, "flooder", "flood/big", 64 * 1024, 64);
+    // Time is the subject: sample the publisher's progress and the broker's memory until the
+    // publisher has been held up for 1.5 s.
+    let start = Instant::now();
+    let (mut max_rss, mut last_count, mut last_change) = (0u64, 0usize, Instant::now());
+    let stalled = loop {
+        std::thread::sleep(Duration::from_millis(100));
+        max_rss = max_rss.max(rss(broker.pid()).unwrap_or(0));
+        let count = publisher.acked();
+        if count != last_count {
+            (last_count, last_change) = (count, Instant::now());
+        }
+        if count > 0 && last_change.elapsed() >= Duration::from_millis(1500) {
+            break true;
+        }
+        if start.elapsed() >= Duration::from_secs(30) {
+            break false;
+        }
+    };
+    eprintln!(
+        "non-reader: {last_count} messages of 64 KiB acknowledged in {:?}; the broker's RSS at \
+         most {} MiB",
+        start.elapsed(),
+        max_rss >> 20
+    );
+    assert!(
+        stalled,
+        "the publisher was never slowed down: {last_count} messages of 64 KiB acknowledged in \
+         30 s while a subscriber read nothing"
+    );
+    assert!(
+        max_rss < RSS_BOUND,
+        "the broker grew to {} MiB holding messages for a client that does not read",
+        max_rss >> 20
+    );
+
+    let signalled = Instant::now();
+    broker.sigterm();
+    // Readiness turns off at once (503, or the endpoint gone), while the drain goes on.
+    let mut flipped = false;
+    while signalled.elapsed() < Duration::from_secs(3) {
+        if http_status(health, "/readyz").ok() != Some(200) {
+            flipped = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = broker.wait(Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!(
+            "a client that does not read held the shutdown past 10 s (budget 3 s); output:\n{}",
+            broker.output()
+        )
+    });
+    let took = signalled.elapsed();
+    let out = broker.lines.all(REPLY_WITHIN);
+    eprintln!("non-reader: exited {status} {took:?} after SIGTERM");
+    assert!(
+        status.code().is_some(),
+        "killed by a signal: {status}\n{out}"
+    );
+    assert!(flipped, "/readyz still said 200 3 s after SIGTERM");
+    assert!(
+        summary(&out).is_some(),
+        "the last line is not the summary:\n{out}"
+    );
+    publisher.finish();
+    drop(sleeper);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health
+// ---------------------------------------------------------------------------------------------
+
+/// The status code of a plain `GET path` (HTTP/1.1, `Connection: close`).
+fn http_status(addr: SocketAddr, path: &str) -> io::Result<u16> {
+    let mut stream = TcpStream::connect_timeout(&addr, REPLY_WITHIN)?;
+    stream.set_read_timeout(Some(REPLY_WITHIN))?;
+    stream.set_write_timeout(Some(REPLY_WITHIN))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let until = Instant::now() + REPLY_WITHIN;
+    while !response.windows(2).any(|w| w == b"\r\n") && Instant::now() < until {
+        match stream.read(&mut chunk)? {
+            0 => break,
+            n => response.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("`{text}`")))
+}
+
+#[test]
+fn health_readyz_and_livez_are_200_while_running() {
+    let data = DataDir::new("health");
+    let mut broker = Broker::ours(&data, &[]);
+    let health = broker.health.expect("a `health on` line");
+    assert_eq!(http_status(health, "/readyz").expect("GET /readyz"), 200);
+    assert_eq!(http_status(health, "/livez").expect("GET /livez"), 200);
+    // And it is the MQTT side that is ready.
+    let (_client, _) = Raw::connect(broker.addr, "health-check", true, 60);
+    let status = broker.stop(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0));
+}
