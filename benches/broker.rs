@@ -40,6 +40,12 @@
 //! `cargo bench --bench broker -- NAME` runs the shapes whose name contains NAME (`qos0`,
 //! `4->4`, `qos1 1->1`); `BENCH_BROKERS=ours` or `=mosquitto` runs one broker only.
 //!
+//! **Output.** A line per round (rate, p50/p99, sent, acked, delivered/owed, duplicates, lost,
+//! drain time, CPU), then the table `shape | ours msgs/s | mosquitto msgs/s | ratio | ours p50/p99
+//! | mosquitto p50/p99 | lost (ours / mosquitto)`, the machine, `RESULT` lines in the format of
+//! the other benches, and whether issue 5's target (ratio >= 1.0 and p99 no worse for every
+//! shape, no acknowledged message lost) is met; a miss is printed, never a failure.
+//!
 //! **The load generator** is this process: raw TCP on tokio, packets encoded and decoded with
 //! rumqttc's `mqttbytes::v4` (`Packet::write` / `Packet::read` on `BytesMut`). Every connection is
 //! one task driving its socket through `ready()` + `try_read` / `try_write`, so it never stops
@@ -48,16 +54,18 @@
 //! it with as few writes as the socket takes; it encodes the next batch when the last one is
 //! written, so it publishes exactly as fast as the broker takes bytes (TCP back-pressure). At QoS 1
 //! at most `BENCH_WINDOW` (default 500) messages per publisher are unacknowledged: a full window
-//! waits for PUBACKs. Subscribers read in 256 KiB chunks and answer a whole chunk's PUBACKs with
+//! waits for PUBACKs until a whole batch fits again. Subscribers read in 256 KiB chunks and answer a whole chunk's PUBACKs with
 //! one write.
 //!
 //! **Threads on a 2-core machine.** The generator runs on one current-thread tokio runtime on the
 //! bench's main thread: at most one core, so the broker always has the other one (or more, when
 //! the generator is idle); mosquitto is single-threaded, ours is an actix System thread plus the
-//! store's thread and the health server's. Generator and broker share the machine's cores: the
-//! table prints the CPU each used during the window (`/proc`, in % of one core) so that one can
-//! see which is the bottleneck; a generator near 100% would mean the figure is the generator's,
-//! not the broker's. A multi-thread runtime would only let the generator take the broker's core.
+//! store's thread and the health server's. Generator and broker share the machine's cores: each
+//! round's line prints the CPU each used during the window (`/proc`, in % of one core) so that
+//! one can see which is the bottleneck; a generator near 100% would mean the figure is the
+//! generator's, not the broker's. `other` is what the rest of the machine took meanwhile
+//! (another build, say): noise, when it is more than a few %. A multi-thread runtime would only
+//! let the generator take the broker's core.
 
 mod common;
 use common::median;
@@ -518,6 +526,9 @@ struct SubResult {
     in_window: u64,
     latencies: Vec<u64>,
     malformed: u64,
+    /// Deliveries by the QoS they came with (a subscription at QoS q to publications at QoS q
+    /// must deliver at q).
+    by_qos: [u64; 3],
     error: Option<String>,
 }
 
@@ -829,6 +840,7 @@ async fn subscriber(
             loop {
                 match Packet::read(&mut inbuf, MAX_PACKET) {
                     Ok(Packet::Publish(p)) => {
+                        r.by_qos[p.qos as usize] += 1;
                         if p.qos == QoS::AtLeastOnce {
                             PubAck::new(p.pkid).write(&mut out).expect("encode PUBACK");
                         }
@@ -1059,6 +1071,16 @@ async fn load(
         sample.duplicates += s.duplicates;
         in_window += s.in_window;
         latencies.extend_from_slice(&s.latencies);
+        let wrong_qos: u64 = (0..3)
+            .filter(|&q| q != shape.qos as usize)
+            .map(|q| s.by_qos[q])
+            .sum();
+        if wrong_qos > 0 {
+            sample.errors.push(format!(
+                "{wrong_qos} deliveries at another QoS than {} (by QoS 0/1/2: {:?})",
+                shape.qos as u8, s.by_qos
+            ));
+        }
         if s.malformed > 0 {
             sample
                 .errors
@@ -1427,6 +1449,49 @@ fn main() {
                 }
             );
         }
+    }
+    // Lines in the format of the other benches, and issue 5's targets: ratio >= 1.0 for every
+    // shape, p99 no worse, no acknowledged message lost.
+    if let (Some(io), Some(im)) = (io, im) {
+        let mut met = true;
+        for (shape, sums) in &rows {
+            let (o, m) = (&sums[io], &sums[im]);
+            let name = format!(
+                "broker_qos{}_{}to{}",
+                shape.qos as u8, shape.publishers, shape.subscribers
+            );
+            let ratio = o.rate / m.rate;
+            let p99 = o.p99_us / m.p99_us;
+            let qos1 = shape.qos == QoS::AtLeastOnce;
+            let pass = ratio >= 1.0 && p99 <= 1.0 && (!qos1 || o.lost == 0);
+            met &= pass;
+            println!(
+                "RESULT name={name}_rate ours={:.0}msgs/s mosquitto={:.0}msgs/s ratio={ratio:.3} \
+                 target=>=1.0 ratio_is=ours/mosquitto better=higher pass={}",
+                o.rate,
+                m.rate,
+                if ratio >= 1.0 { "yes" } else { "no" }
+            );
+            for (q, a, b) in [("p50", o.p50_us, m.p50_us), ("p99", o.p99_us, m.p99_us)] {
+                println!(
+                    "RESULT name={name}_{q} ours={a:.0}us mosquitto={b:.0}us ratio={:.3} \
+                     ratio_is=ours/mosquitto better=lower",
+                    a / b
+                );
+            }
+            if qos1 {
+                println!(
+                    "RESULT name={name}_lost ours={} mosquitto={} target=0 pass={}",
+                    o.lost,
+                    m.lost,
+                    if o.lost == 0 { "yes" } else { "no" }
+                );
+            }
+        }
+        println!(
+            "target (ratio >= 1.0, p99 no worse, no acknowledged message lost, every shape): {}",
+            if met { "met" } else { "NOT met" }
+        );
     }
     if io.is_none() {
         println!("note: our broker was unavailable: mosquitto alone was measured");
