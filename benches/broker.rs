@@ -1418,6 +1418,12 @@ fn main() {
     }
     println!();
     println!(
+        "machine: {}; generator and broker share its cores (the generator: one current-thread \
+         runtime, at most one core); ours built from {}",
+        machine(),
+        git_head()
+    );
+    println!(
         "cpu: in % of one core over the measured window (the machine has {} in all): the broker \
          process, this process (the generator), and everything else on the machine (noise)",
         std::thread::available_parallelism().map_or(0, |n| n.get()) * 100
@@ -1497,6 +1503,27 @@ fn main() {
         println!("note: our broker was unavailable: mosquitto alone was measured");
     }
     println!("info: bench wall time {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+/// The commit the bench (and our broker) was built from, `+dirty` with local changes.
+fn git_head() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = git(&["status", "--porcelain", "--", "examples/broker", "src"])
+        .is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{head}+dirty")
+    } else {
+        head
+    }
 }
 
 fn which(program: &str) -> bool {
