@@ -563,6 +563,7 @@ impl Actor for Router {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Nothing is routed before the persistent sessions and retained messages are back.
+        self.store.nobody_online();
         let read = self.store.read(|state| Loaded {
             next_id: state.next_message_id(),
             retained: state.all_retained().cloned().collect(),

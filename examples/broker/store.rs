@@ -1668,6 +1668,8 @@ pub enum StoreRequest {
     Read(ReadFn),
     /// A persistent session connected or went away (see [`Store::set_online`]).
     Presence { client: String, online: bool },
+    /// Nobody is connected (a router starting: connections of a previous one are gone).
+    NobodyOnline,
 }
 
 /// A read: run on the store's thread with the state (or why there is none).
@@ -1756,7 +1758,7 @@ impl BlockingWorker for StoreWorker {
                     let _ = reply.send(Err(StoreError::Closed));
                 }
                 StoreRequest::Read(read) => read(Err(StoreError::Closed)),
-                StoreRequest::Presence { .. } => {}
+                StoreRequest::Presence { .. } | StoreRequest::NobodyOnline => {}
             }
             return;
         };
@@ -1768,6 +1770,7 @@ impl BlockingWorker for StoreWorker {
                 }
             },
             StoreRequest::Presence { client, online } => store.set_online(&client, online),
+            StoreRequest::NobodyOnline => store.online.clear(),
             StoreRequest::Read(read) => {
                 self.flush();
                 if let Some(store) = &self.store {
@@ -1870,6 +1873,12 @@ impl StoreClient {
             client: client.to_owned(),
             online,
         });
+    }
+
+    /// Tells the store no session is connected: a (re)started router says so first, since the
+    /// connections a previous router knew are gone with it.
+    pub fn nobody_online(&self) {
+        self.send(StoreRequest::NobodyOnline);
     }
 
     pub fn stats(&self) -> &StoreStats {
