@@ -200,13 +200,23 @@ impl Router {
 
     fn connect(&mut self, connect: Connect, reply: oneshot::Sender<Result<Connected, RouteError>>) {
         if let Some(old) = self.online.get(&connect.client) {
+            if !old.outbox.send(ToConn::TakenOver) {
+                // Its task is gone without saying so (cancelled with a previous sessions
+                // supervisor): nothing to wait for.
+                let conn = old.conn;
+                self.disconnected(Disconnected {
+                    client: connect.client.clone(),
+                    conn,
+                    will: None,
+                });
+                return self.connect(connect, reply);
+            }
             log::info!(
                 target: LOG,
                 "client `{}`: a new connection takes over from connection {}",
                 connect.client,
                 old.conn
             );
-            old.outbox.send(ToConn::TakenOver);
             let parked = Parked { connect, reply };
             self.parked
                 .entry(parked.connect.client.clone())
