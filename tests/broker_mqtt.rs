@@ -15,322 +15,17 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, PubRel,
-    Publish, Subscribe, SubscribeReasonCode, Unsubscribe,
+    Publish, Subscribe, SubscribeReasonCode,
 };
 use rumqttc::mqttbytes::QoS;
 
 use common::broker::{Broker, DataDir};
-
-/// The largest packet the raw client accepts.
-const MAX_PACKET: usize = 1 << 20;
-/// How long a packet the test expects may take (generous: a loaded 2-core CI machine).
-const WAIT: Duration = Duration::from_secs(10);
-/// The window in which a packet the test expects *not* to see must stay away, where no sentinel
-/// can be used.
-const QUIET: Duration = Duration::from_millis(700);
-
-// ---------------------------------------------------------------------------------------------
-// The raw client.
-// ---------------------------------------------------------------------------------------------
-
-/// What reading the next packet gave.
-#[derive(Debug)]
-enum Next {
-    Packet(Packet),
-    Timeout,
-    /// The broker closed the connection (EOF or reset).
-    Closed,
-}
-
-/// A blocking MQTT client over a plain TCP stream, one packet at a time.
-struct Raw {
-    stream: TcpStream,
-    buf: BytesMut,
-    /// Packets read while waiting for another one (e.g. a PUBLISH arriving between PUBREC and
-    /// PUBREL), served before the socket.
-    stash: VecDeque<Packet>,
-    next_pkid: u16,
-}
-
-/// A CONNECT with a long keep-alive (so that it never expires during a test) and no will.
-fn connect_packet(id: &str, clean: bool) -> Connect {
-    let mut c = Connect::new(id);
-    c.clean_session = clean;
-    c.keep_alive = 60;
-    c
-}
-
-impl Raw {
-    /// A TCP connection to the broker, nothing sent yet.
-    fn tcp(addr: SocketAddr) -> Raw {
-        let stream = TcpStream::connect_timeout(&addr, WAIT)
-            .unwrap_or_else(|e| panic!("connect to the broker at {addr}: {e}"));
-        stream.set_nodelay(true).unwrap();
-        stream.set_write_timeout(Some(WAIT)).unwrap();
-        Raw {
-            stream,
-            buf: BytesMut::with_capacity(4096),
-            stash: VecDeque::new(),
-            next_pkid: 1,
-        }
-    }
-
-    /// Sends `connect` and returns the CONNACK.
-    fn handshake(addr: SocketAddr, connect: Connect) -> (Raw, ConnAck) {
-        let mut raw = Raw::tcp(addr);
-        raw.send(Packet::Connect(connect));
-        match raw.recv("CONNACK") {
-            Packet::ConnAck(ack) => (raw, ack),
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    /// A connected client (CONNACK 0 asserted); returns the CONNACK's session-present flag.
-    fn connect_with(addr: SocketAddr, connect: Connect) -> (Raw, bool) {
-        let id = connect.client_id.clone();
-        let (raw, ack) = Raw::handshake(addr, connect);
-        assert_eq!(
-            ack.code,
-            ConnectReturnCode::Success,
-            "CONNACK for client `{id}`"
-        );
-        (raw, ack.session_present)
-    }
-
-    /// A connected client with id `id`, clean session or not.
-    fn connect(addr: SocketAddr, id: &str, clean: bool) -> (Raw, bool) {
-        Raw::connect_with(addr, connect_packet(id, clean))
-    }
-
-    /// A connected clean-session client.
-    fn clean(addr: SocketAddr, id: &str) -> Raw {
-        Raw::connect(addr, id, true).0
-    }
-
-    fn pkid(&mut self) -> u16 {
-        let id = self.next_pkid;
-        self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
-        id
-    }
-
-    fn try_send(&mut self, packet: Packet) -> std::io::Result<()> {
-        let mut out = BytesMut::new();
-        packet.write(&mut out, MAX_PACKET).expect("encode a packet");
-        self.stream.write_all(&out)
-    }
-
-    fn send(&mut self, packet: Packet) {
-        let what = format!("{packet:?}");
-        self.try_send(packet)
-            .unwrap_or_else(|e| panic!("send {what}: {e}"));
-    }
-
-    fn send_bytes(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("send bytes");
-    }
-
-    /// The next packet, or a timeout after `timeout`, or the connection's close.
-    fn next(&mut self, timeout: Duration) -> Next {
-        if let Some(p) = self.stash.pop_front() {
-            return Next::Packet(p);
-        }
-        let until = Instant::now() + timeout;
-        loop {
-            match Packet::read(&mut self.buf, MAX_PACKET) {
-                Ok(p) => return Next::Packet(p),
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-                Err(e) => panic!("the broker sent a malformed packet: {e}"),
-            }
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Next::Timeout;
-            }
-            self.stream.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Next::Closed,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Next::Timeout
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return Next::Closed,
-            }
-        }
-    }
-
-    /// The next packet; panics (naming `what` was expected) on a timeout or a close.
-    fn recv(&mut self, what: &str) -> Packet {
-        match self.next(WAIT) {
-            Next::Packet(p) => p,
-            other => panic!("expected {what}, got {other:?}"),
-        }
-    }
-
-    /// The next packet satisfying `pick`; other packets read meanwhile are kept for later.
-    fn recv_matching(&mut self, what: &str, pick: impl Fn(&Packet) -> bool) -> Packet {
-        let mut skipped = VecDeque::new();
-        let until = Instant::now() + WAIT;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.next(left) {
-                Next::Packet(p) if pick(&p) => {
-                    // Put back what came before, in order, ahead of what is still stashed.
-                    while let Some(s) = skipped.pop_back() {
-                        self.stash.push_front(s);
-                    }
-                    return p;
-                }
-                Next::Packet(p) => skipped.push_back(p),
-                other => panic!("expected {what}, got {other:?} (after {skipped:?})"),
-            }
-        }
-    }
-
-    /// Asserts nothing arrives for `QUIET`.
-    fn expect_silence(&mut self, context: &str) {
-        match self.next(QUIET) {
-            Next::Timeout => {}
-            other => panic!("{context}: expected nothing, got {other:?}"),
-        }
-    }
-
-    /// Asserts the broker closes the connection within `WAIT` (packets before the close fail the
-    /// test too).
-    fn expect_closed(&mut self, context: &str) {
-        match self.next(WAIT) {
-            Next::Closed => {}
-            other => {
-                panic!("{context}: expected the broker to close the connection, got {other:?}")
-            }
-        }
-    }
-
-    /// SUBSCRIBE to `filters`; returns the SUBACK's return codes (pkid checked).
-    fn subscribe(&mut self, filters: &[(&str, QoS)]) -> Vec<SubscribeReasonCode> {
-        let pkid = self.pkid();
-        let mut sub = Subscribe::new_many(
-            filters
-                .iter()
-                .map(|(f, q)| rumqttc::mqttbytes::v4::SubscribeFilter::new(f.to_string(), *q)),
-        );
-        sub.pkid = pkid;
-        self.send(Packet::Subscribe(sub));
-        match self.recv_matching("SUBACK", |p| matches!(p, Packet::SubAck(_))) {
-            Packet::SubAck(ack) => {
-                assert_eq!(ack.pkid, pkid, "SUBACK's packet id");
-                ack.return_codes
-            }
-            _ => unreachable!(),
-        }
-    }
-
-    /// SUBSCRIBE, asserting every filter is granted the QoS asked for.
-    fn sub(&mut self, filters: &[(&str, QoS)]) {
-        let granted = self.subscribe(filters);
-        let wanted: Vec<_> = filters
-            .iter()
-            .map(|(_, q)| SubscribeReasonCode::Success(*q))
-            .collect();
-        assert_eq!(granted, wanted, "SUBACK for {filters:?}");
-    }
-
-    fn unsubscribe(&mut self, filters: &[&str]) {
-        let pkid = self.pkid();
-        let mut unsub = Unsubscribe::new(filters[0]);
-        unsub.topics = filters.iter().map(|f| f.to_string()).collect();
-        unsub.pkid = pkid;
-        self.send(Packet::Unsubscribe(unsub));
-        match self.recv_matching("UNSUBACK", |p| matches!(p, Packet::UnsubAck(_))) {
-            Packet::UnsubAck(ack) => assert_eq!(ack.pkid, pkid, "UNSUBACK's packet id"),
-            _ => unreachable!(),
-        }
-    }
-
-    /// PUBLISH as a publisher, with the whole flow of its QoS (waits for PUBACK, or PUBREC then
-    /// PUBREL/PUBCOMP): when it returns, the broker has taken responsibility for the message.
-    fn publish(&mut self, topic: &str, qos: QoS, payload: &[u8], retain: bool) {
-        let mut p = Publish::new(topic, qos, payload.to_vec());
-        p.retain = retain;
-        if qos != QoS::AtMostOnce {
-            p.pkid = self.pkid();
-        }
-        let pkid = p.pkid;
-        self.send(Packet::Publish(p));
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                self.recv_matching(
-                    "PUBACK",
-                    |p| matches!(p, Packet::PubAck(a) if a.pkid == pkid),
-                );
-            }
-            QoS::ExactlyOnce => {
-                self.recv_matching(
-                    "PUBREC",
-                    |p| matches!(p, Packet::PubRec(a) if a.pkid == pkid),
-                );
-                self.send(Packet::PubRel(PubRel::new(pkid)));
-                self.recv_matching(
-                    "PUBCOMP",
-                    |p| matches!(p, Packet::PubComp(a) if a.pkid == pkid),
-                );
-            }
-        }
-    }
-
-    /// The next PUBLISH, acknowledged as a well-behaved subscriber does (PUBACK; or PUBREC,
-    /// then PUBREL from the broker, then PUBCOMP). Any other packet fails the test.
-    fn recv_publish(&mut self) -> Publish {
-        let p = match self.recv("PUBLISH") {
-            Packet::Publish(p) => p,
-            other => panic!("expected PUBLISH, got {other:?}"),
-        };
-        self.ack(&p);
-        p
-    }
-
-    /// Acknowledges a received PUBLISH (completing a QoS 2 handshake).
-    fn ack(&mut self, p: &Publish) {
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send(Packet::PubAck(PubAck::new(p.pkid))),
-            QoS::ExactlyOnce => {
-                let pkid = p.pkid;
-                self.send(Packet::PubRec(PubRec::new(pkid)));
-                self.recv_matching(
-                    "PUBREL",
-                    |q| matches!(q, Packet::PubRel(r) if r.pkid == pkid),
-                );
-                self.send(Packet::PubComp(PubComp::new(pkid)));
-            }
-        }
-    }
-
-    /// Receives (and acknowledges) PUBLISH packets until one on `end`; returns those before it.
-    fn publishes_until(&mut self, end: &str) -> Vec<Publish> {
-        let mut got = Vec::new();
-        loop {
-            let p = self.recv_publish();
-            if p.topic == end {
-                return got;
-            }
-            got.push(p);
-        }
-    }
-
-    fn disconnect(mut self) {
-        self.send(Packet::Disconnect);
-    }
-}
+use common::mqtt::{connect_packet, encode, Raw, WAIT};
 
 fn payload(p: &Publish) -> &[u8] {
     &p.payload[..]
@@ -363,10 +58,7 @@ fn broker(test: &str) -> (DataDir, Broker) {
 #[test]
 fn connect_with_unsupported_protocol_level_gets_connack_0x01_and_is_closed() {
     let (_data, broker) = broker("connack-level");
-    let mut bytes = BytesMut::new();
-    Packet::Connect(connect_packet("level-3", true))
-        .write(&mut bytes, MAX_PACKET)
-        .unwrap();
+    let mut bytes = encode(&Packet::Connect(connect_packet("level-3", true)));
     // Fixed header (2 bytes), then the protocol name "MQTT" (2 + 4 bytes), then the level.
     assert_eq!(bytes[8], 4, "the protocol level byte");
     bytes[8] = 3;
@@ -1034,10 +726,9 @@ fn suback_grants_each_filter_its_qos_and_resubscribing_replaces() {
 fn subscribe_with_qos_3_closes_the_connection() {
     let (_data, broker) = broker("subscribe-qos3");
     let mut sub = Raw::clean(broker.addr, "qos3");
-    let mut bytes = BytesMut::new();
     let mut s = Subscribe::new("bad/qos", QoS::ExactlyOnce);
     s.pkid = 1;
-    Packet::Subscribe(s).write(&mut bytes, MAX_PACKET).unwrap();
+    let mut bytes = encode(&Packet::Subscribe(s));
     let last = bytes.len() - 1;
     assert_eq!(bytes[last], 2, "the requested QoS byte");
     bytes[last] = 3;

@@ -6,8 +6,9 @@
 //! (`BROKER_UNDER_TEST=mosquitto cargo test --all-features --test broker_process malformed`); the
 //! others are about our process (its flags, signals, data dir and report) and always run ours.
 //!
-//! Raw clients are written with rumqttc's packet codec over a blocking `TcpStream`, so a test
-//! controls every byte and every packet id (and records a message before acknowledging it).
+//! Raw clients (`common::mqtt::Raw`) are written with rumqttc's packet codec over a blocking
+//! `TcpStream`, so a test controls every byte and every packet id (and records a message before
+//! acknowledging it).
 
 mod common;
 
@@ -19,156 +20,18 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
-};
-use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, Publish};
+use rumqttc::mqttbytes::QoS;
 
 use common::broker::{run_ours, under_test, Broker, DataDir};
+use common::mqtt::{encode, transient, Raw};
 
-/// The largest packet the test clients decode.
-const MAX_PACKET: usize = 1 << 28;
 /// How long a broker gets to answer a packet, on a loaded 2-core machine.
 const REPLY_WITHIN: Duration = Duration::from_secs(15);
 /// How long a broker gets to close a connection it must close.
 const CLOSE_WITHIN: Duration = Duration::from_secs(15);
 /// How long a command-line error may take to exit (the binary is already built).
 const CLI_WITHIN: Duration = Duration::from_secs(60);
-
-// ---------------------------------------------------------------------------------------------
-// A raw MQTT client
-// ---------------------------------------------------------------------------------------------
-
-fn transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-    )
-}
-
-fn encode(packet: &Packet) -> BytesMut {
-    let mut buf = BytesMut::new();
-    packet.write(&mut buf, MAX_PACKET).expect("encode a packet");
-    buf
-}
-
-/// A connection to the broker that speaks packets (or any bytes) with a bound on every wait.
-struct Raw {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Raw {
-    /// A TCP connection, no MQTT yet.
-    fn tcp(addr: SocketAddr) -> Raw {
-        let stream = TcpStream::connect_timeout(&addr, REPLY_WITHIN)
-            .unwrap_or_else(|e| panic!("connect to the broker at {addr}: {e}"));
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        Raw {
-            stream,
-            buf: BytesMut::with_capacity(16 * 1024),
-        }
-    }
-
-    /// A CONNECTed client (panics unless the broker accepts it).
-    fn connect(addr: SocketAddr, id: &str, clean: bool, keep_alive: u16) -> (Raw, ConnAck) {
-        let mut raw = Raw::tcp(addr);
-        let mut connect = Connect::new(id);
-        connect.clean_session = clean;
-        connect.keep_alive = keep_alive;
-        raw.send(&Packet::Connect(connect));
-        match raw.recv(REPLY_WITHIN) {
-            Ok(Some(Packet::ConnAck(ack))) => {
-                assert_eq!(
-                    ack.code,
-                    ConnectReturnCode::Success,
-                    "the broker refused {id}"
-                );
-                (raw, ack)
-            }
-            other => panic!("expected a CONNACK for {id}, got {other:?}"),
-        }
-    }
-
-    fn local(&self) -> SocketAddr {
-        self.stream.local_addr().expect("local address")
-    }
-
-    fn write_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.set_write_timeout(Some(REPLY_WITHIN))?;
-        self.stream.write_all(bytes)
-    }
-
-    fn send(&mut self, packet: &Packet) {
-        self.write_bytes(&encode(packet))
-            .unwrap_or_else(|e| panic!("send {packet:?}: {e}"));
-    }
-
-    /// Subscribes to `filter` and waits for the SUBACK granting `qos`.
-    fn subscribe(&mut self, filter: &str, qos: QoS, pkid: u16) {
-        let mut subscribe = Subscribe::new(filter, qos);
-        subscribe.pkid = pkid;
-        self.send(&Packet::Subscribe(subscribe));
-        match self.recv(REPLY_WITHIN) {
-            Ok(Some(Packet::SubAck(ack))) => {
-                assert_eq!(ack.pkid, pkid);
-                assert_eq!(
-                    ack.return_codes,
-                    vec![SubscribeReasonCode::Success(qos)],
-                    "SUBACK for {filter}"
-                );
-            }
-            other => panic!("expected a SUBACK for {filter}, got {other:?}"),
-        }
-    }
-
-    /// The next packet: `Ok(None)` if none came within `timeout`; `Err` if the connection closed
-    /// or its bytes are not a packet.
-    fn recv(&mut self, timeout: Duration) -> io::Result<Option<Packet>> {
-        let until = Instant::now() + timeout;
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            match Packet::read(&mut self.buf, MAX_PACKET) {
-                Ok(packet) => return Ok(Some(packet)),
-                Err(CodecError::InsufficientBytes(_)) => {}
-                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
-            }
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            self.stream.set_read_timeout(Some(left))?;
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if transient(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Waits until the broker closes this connection (EOF or reset), ignoring what it sends
-    /// before; how long that took, or `Err` if it is still open after `timeout`.
-    fn closed_within(&mut self, timeout: Duration) -> Result<Duration, String> {
-        let start = Instant::now();
-        let until = start + timeout;
-        let mut chunk = [0u8; 4096];
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!("the connection is still open after {timeout:?}"));
-            }
-            self.stream.set_read_timeout(Some(left)).expect("timeout");
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Ok(start.elapsed()),
-                Ok(_) => {}
-                Err(e) if transient(&e) => {}
-                Err(_) => return Ok(start.elapsed()),
-            }
-        }
-    }
-}
 
 /// A message's payload: its sequence number, then padding up to `len` bytes.
 fn payload(seq: u64, len: usize) -> Vec<u8> {
@@ -220,8 +83,8 @@ struct Observer {
 
 impl Observer {
     fn new(addr: SocketAddr, name: &str) -> Observer {
-        let (mut raw, _) = Raw::connect(addr, &format!("observer-{name}"), true, 60);
-        raw.subscribe(&format!("probe/{name}/#"), QoS::AtLeastOnce, 1);
+        let (mut raw, _) = Raw::connect(addr, &format!("observer-{name}"), true);
+        raw.sub(&[(&format!("probe/{name}/#"), QoS::AtLeastOnce)]);
         let mut observer = Observer {
             raw,
             name: name.to_owned(),
@@ -245,12 +108,12 @@ impl Observer {
         // Bigger than a trivial packet, below the 1024-byte limit of the oversized test.
         let body = payload(u64::from(self.round), 900);
         self.raw
-            .send(&publish(&topic, QoS::AtLeastOnce, pkid, body.clone()));
+            .send(publish(&topic, QoS::AtLeastOnce, pkid, body.clone()));
         let until = Instant::now() + REPLY_WITHIN;
         let (mut acked, mut got) = (false, false);
         while !(acked && got) {
             let left = until.saturating_duration_since(Instant::now());
-            match self.raw.recv(left) {
+            match self.raw.recv_within(left) {
                 Ok(Some(Packet::PubAck(ack))) if ack.pkid == pkid => acked = true,
                 Ok(Some(Packet::Publish(p))) => {
                     assert_eq!(
@@ -259,7 +122,7 @@ impl Observer {
                     );
                     assert_eq!(&p.payload[..], &body[..], "{when}: a changed payload");
                     if p.qos != QoS::AtMostOnce {
-                        self.raw.send(&Packet::PubAck(PubAck::new(p.pkid)));
+                        self.raw.send(Packet::PubAck(PubAck::new(p.pkid)));
                     }
                     got = true;
                 }
@@ -315,7 +178,7 @@ fn malformed_garbage_before_connect_closes_only_that_connection() {
     // continuation bytes), then noise.
     let mut garbage = vec![0xFF; 5];
     garbage.extend((0u8..64).map(|i| i.wrapping_mul(37) ^ 0x5A));
-    let _ = bad.write_bytes(&garbage); // the broker may close before it has read it all
+    let _ = bad.try_send_bytes(&garbage); // the broker may close before it has read it all
     assert_closed(&broker, &mut bad, peer, "garbage before CONNECT", true);
 
     observer.round_trip("after garbage before CONNECT");
@@ -327,10 +190,10 @@ fn malformed_reserved_packet_type_after_connect_closes_only_that_connection() {
     let broker = Broker::start(&data);
     let mut observer = Observer::new(broker.addr, "reserved");
 
-    let (mut bad, _) = Raw::connect(broker.addr, "reserved-type", true, 60);
+    let (mut bad, _) = Raw::connect(broker.addr, "reserved-type", true);
     let peer = bad.local();
     // Packet type 15 is reserved in MQTT 3.1.1; then noise.
-    let _ = bad.write_bytes(&[0xF0, 0x00, 0x13, 0x37, 0x00, 0x42]);
+    let _ = bad.try_send_bytes(&[0xF0, 0x00, 0x13, 0x37, 0x00, 0x42]);
     assert_closed(&broker, &mut bad, peer, "a reserved packet type", true);
 
     observer.round_trip("after a reserved packet type");
@@ -345,7 +208,7 @@ fn malformed_truncated_connect_then_half_close_is_closed() {
     let mut bad = Raw::tcp(broker.addr);
     let peer = bad.local();
     let connect = encode(&Packet::Connect(Connect::new("truncated-connect")));
-    bad.write_bytes(&connect[..connect.len() / 2])
+    bad.try_send_bytes(&connect[..connect.len() / 2])
         .expect("send half a CONNECT");
     bad.stream.shutdown(Shutdown::Write).expect("half-close");
     assert_closed(&broker, &mut bad, peer, "half a CONNECT, then EOF", false);
@@ -360,7 +223,7 @@ fn malformed_truncated_publish_then_silence_is_closed_by_keep_alive() {
     let mut observer = Observer::new(broker.addr, "truncated-silent");
 
     // Keep-alive 1 s: a broker must close it 1.5 s after the last packet it got complete.
-    let (mut bad, _) = Raw::connect(broker.addr, "truncated-silent", true, 1);
+    let (mut bad, _) = Raw::connect_keep_alive(broker.addr, "truncated-silent", true, 1);
     let peer = bad.local();
     let packet = encode(&publish(
         &observer.bad_topic(),
@@ -368,7 +231,7 @@ fn malformed_truncated_publish_then_silence_is_closed_by_keep_alive() {
         7,
         payload(0, 200),
     ));
-    bad.write_bytes(&packet[..packet.len() / 2])
+    bad.try_send_bytes(&packet[..packet.len() / 2])
         .expect("send half a PUBLISH");
     // ... and nothing else, not even a PINGREQ.
     assert_closed(
@@ -392,7 +255,7 @@ fn malformed_oversized_packet_closes_only_that_connection() {
     );
     let mut observer = Observer::new(broker.addr, "oversized");
 
-    let (mut bad, _) = Raw::connect(broker.addr, "oversized", true, 60);
+    let (mut bad, _) = Raw::connect(broker.addr, "oversized", true);
     let peer = bad.local();
     let big = encode(&publish(
         &observer.bad_topic(),
@@ -401,7 +264,7 @@ fn malformed_oversized_packet_closes_only_that_connection() {
         payload(0, 4096),
     ));
     // The broker may close as soon as it has read the fixed header.
-    let _ = bad.write_bytes(&big);
+    let _ = bad.try_send_bytes(&big);
     assert_closed(
         &broker,
         &mut bad,
@@ -421,7 +284,7 @@ fn malformed_publish_before_connect_closes_only_that_connection() {
 
     let mut bad = Raw::tcp(broker.addr);
     let peer = bad.local();
-    let _ = bad.write_bytes(&encode(&publish(
+    let _ = bad.try_send_bytes(&encode(&publish(
         &observer.bad_topic(),
         QoS::AtMostOnce,
         0,
@@ -438,9 +301,9 @@ fn malformed_second_connect_closes_only_that_connection() {
     let broker = Broker::start(&data);
     let mut observer = Observer::new(broker.addr, "second-connect");
 
-    let (mut bad, _) = Raw::connect(broker.addr, "second-connect", true, 60);
+    let (mut bad, _) = Raw::connect(broker.addr, "second-connect", true);
     let peer = bad.local();
-    let _ = bad.write_bytes(&encode(&Packet::Connect(Connect::new("second-connect"))));
+    let _ = bad.try_send_bytes(&encode(&Packet::Connect(Connect::new("second-connect"))));
     assert_closed(&broker, &mut bad, peer, "a second CONNECT", true);
 
     observer.round_trip("after a second CONNECT");
@@ -562,7 +425,7 @@ fn cli_normal_start_logs_one_listening_line_and_stops_with_the_summary() {
     let data = DataDir::new("cli_normal_start");
     let mut broker = Broker::ours(&data, &[]);
     // A client makes sure it is really serving, not just logging.
-    let (_client, _) = Raw::connect(broker.addr, "cli-normal", true, 60);
+    let (_client, _) = Raw::connect(broker.addr, "cli-normal", true);
     let status = broker.stop(Duration::from_secs(30));
     let out = broker.lines.all(REPLY_WITHIN);
     assert_eq!(status.code(), Some(0), "output:\n{out}");
@@ -629,7 +492,7 @@ struct Published {
 impl LoadPublisher {
     fn start(addr: SocketAddr, id: &str, topic: &str, len: usize, window: usize) -> LoadPublisher {
         assert!(window < 65_535);
-        let (raw, _) = Raw::connect(addr, id, true, 0);
+        let (raw, _) = Raw::connect_keep_alive(addr, id, true, 0);
         let shared = Arc::new(PubShared {
             state: Mutex::new(PubState::default()),
             changed: Condvar::new(),
@@ -693,7 +556,7 @@ impl LoadPublisher {
             if r.stop.load(Ordering::Relaxed) || Instant::now() > deadline {
                 return;
             }
-            let got = reader.recv(Duration::from_millis(200));
+            let got = reader.recv_within(Duration::from_millis(200));
             let mut s = r.state.lock().unwrap();
             match got {
                 Ok(Some(Packet::PubAck(ack))) => match s.inflight.remove(&ack.pkid) {
@@ -792,12 +655,12 @@ fn spawn_collector(
     std::thread::spawn(move || {
         let until = Instant::now() + limit;
         while Instant::now() < until {
-            match sub.recv(Duration::from_millis(200)) {
+            match sub.recv_within(Duration::from_millis(200)) {
                 Ok(Some(Packet::Publish(p))) => {
                     received.lock().unwrap().push(seq_of(&p));
                     if p.qos == QoS::AtLeastOnce
                         && sub
-                            .write_bytes(&encode(&Packet::PubAck(PubAck::new(p.pkid))))
+                            .try_send_bytes(&encode(&Packet::PubAck(PubAck::new(p.pkid))))
                             .is_err()
                     {
                         return "closed while acknowledging".to_owned();
@@ -827,14 +690,14 @@ fn collect_until_idle(sub: &mut Raw, want: &BTreeSet<u64>, have: &BTreeSet<u64>)
         if last.elapsed() >= idle || start.elapsed() >= Duration::from_secs(120) {
             return got;
         }
-        match sub.recv(Duration::from_millis(100)) {
+        match sub.recv_within(Duration::from_millis(100)) {
             Ok(Some(Packet::Publish(p))) => {
                 let seq = seq_of(&p);
                 missing.remove(&seq);
                 got.push(seq);
                 last = Instant::now();
                 if p.qos == QoS::AtLeastOnce {
-                    sub.send(&Packet::PubAck(PubAck::new(p.pkid)));
+                    sub.send(Packet::PubAck(PubAck::new(p.pkid)));
                 }
             }
             Ok(_) => {}
@@ -856,14 +719,14 @@ fn stop_under_load(name: &str, kill: bool, online: bool) {
     let mut broker = Broker::ours(&data, &args);
 
     let sub_id = format!("{name}-sub");
-    let (mut sub, ack) = Raw::connect(broker.addr, &sub_id, false, 0);
-    assert!(!ack.session_present, "a fresh data dir has no session");
-    sub.subscribe("load/#", QoS::AtLeastOnce, 1);
+    let (mut sub, present) = Raw::connect_keep_alive(broker.addr, &sub_id, false, 0);
+    assert!(!present, "a fresh data dir has no session");
+    sub.sub(&[("load/#", QoS::AtLeastOnce)]);
     let before = Arc::new(Mutex::new(Vec::new()));
     let collector = if online {
         spawn_collector(sub, before.clone(), Duration::from_secs(180))
     } else {
-        sub.send(&Packet::Disconnect);
+        sub.send(Packet::Disconnect);
         sub.closed_within(CLOSE_WITHIN)
             .expect("the broker closes the connection after DISCONNECT");
         std::thread::spawn(|| "offline".to_owned())
@@ -922,9 +785,9 @@ fn stop_under_load(name: &str, kill: bool, online: bool) {
     let before = std::mem::take(&mut *before.lock().unwrap());
 
     let mut broker = Broker::ours(&data, &args);
-    let (mut sub, ack) = Raw::connect(broker.addr, &sub_id, false, 0);
+    let (mut sub, present) = Raw::connect_keep_alive(broker.addr, &sub_id, false, 0);
     assert!(
-        ack.session_present,
+        present,
         "the persistent session did not survive the restart; output:\n{}",
         broker.output()
     );
@@ -1015,8 +878,8 @@ fn a_client_that_does_not_read_slows_publishers_and_cannot_hold_the_shutdown() {
 
     // Subscribes at QoS 0 (no inflight window: the broker writes until the socket is full),
     // then never reads again.
-    let (mut sleeper, _) = Raw::connect(broker.addr, "non-reader", true, 0);
-    sleeper.subscribe("flood/#", QoS::AtMostOnce, 1);
+    let (mut sleeper, _) = Raw::connect_keep_alive(broker.addr, "non-reader", true, 0);
+    sleeper.sub(&[("flood/#", QoS::AtMostOnce)]);
 
     let publisher = LoadPublisher::start(broker.addr, "flooder", "flood/big", 64 * 1024, 64);
     // Time is the subject: sample the publisher's progress and the broker's memory until the
@@ -1124,7 +987,7 @@ fn health_readyz_and_livez_are_200_while_running() {
     assert_eq!(http_status(health, "/readyz").expect("GET /readyz"), 200);
     assert_eq!(http_status(health, "/livez").expect("GET /livez"), 200);
     // And it is the MQTT side that is ready.
-    let (_client, _) = Raw::connect(broker.addr, "health-check", true, 60);
+    let (_client, _) = Raw::connect(broker.addr, "health-check", true);
     let status = broker.stop(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0));
 }

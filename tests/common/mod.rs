@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod example;
+pub mod mqtt;
 pub mod output;
 
 use std::sync::atomic::{AtomicU64, Ordering};
