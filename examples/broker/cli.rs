@@ -57,6 +57,9 @@ impl std::str::FromStr for Budget {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match humantime::parse_duration(s) {
             Ok(d) if d.is_zero() => Err("must be more than zero".to_owned()),
+            Ok(d) if d > Duration::from_secs(24 * 3600) => {
+                Err("must be at most a day (24h)".to_owned())
+            }
             Ok(d) => Ok(Budget(d)),
             Err(e) => Err(format!("{e} (write it like 30s, 500ms or 2m)")),
         }

@@ -148,9 +148,14 @@ pub async fn serve(
         closing: None,
         draining: false,
         last_packet: Instant::now(),
+        finished: false,
     };
     let end = match conn.handshake().await {
-        Ok(true) => conn.run().await,
+        // Clients may send packets right behind CONNECT without waiting for CONNACK (§3.1.4).
+        Ok(true) => match conn.on_input().await {
+            Some(end) => end,
+            None => conn.run().await,
+        },
         Ok(false) => End::Disconnect,
         Err(end) => end,
     };
@@ -191,6 +196,24 @@ struct Conn {
     /// The broker is draining: PUBLISH from the client is not taken.
     draining: bool,
     last_packet: Instant,
+    /// `finish` ran; otherwise dropping the connection (a panic, or its task cancelled) does
+    /// the part of it that others wait for.
+    finished: bool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.outbox.backlog.close();
+            if self.registered {
+                let _ = self.shared.router.do_send(Disconnected {
+                    client: std::mem::take(&mut self.client),
+                    conn: self.id,
+                    will: None,
+                });
+            }
+        }
+    }
 }
 
 impl Conn {
@@ -366,6 +389,9 @@ impl Conn {
                 .map(|ka| tokio::time::Instant::from_std(self.last_packet + ka));
             let close_at = self.closing.map(tokio::time::Instant::from_std);
             let read = self.answers.len() < MAX_ROUTES;
+            // While the broker itself does not read (flow control), the client's packets wait in
+            // the socket: its silence is ours, not its own.
+            let keep_alive = keep_alive.filter(|_| read);
             let event = {
                 let Conn {
                     mailbox,
@@ -416,9 +442,13 @@ impl Conn {
                     }
                 }
                 Event::Read(Ok(false)) => {
+                    // What came before the end is handled first: it may end with DISCONNECT.
+                    if let Some(end) = self.on_input().await {
+                        return end;
+                    }
                     return End::Abnormal(
                         "the client closed the connection without DISCONNECT".into(),
-                    )
+                    );
                 }
                 Event::Read(Err(e)) => return End::Abnormal(format!("read: {e}")),
                 // MQTT-3.1.2-24: nothing from the client for 1.5 × its keep-alive.
@@ -471,6 +501,9 @@ impl Conn {
                 Packet::PubRel(rel) => {
                     // MQTT-4.3.3: forget the packet id, then PUBCOMP; a persistent session
                     // makes that durable first, or a crash could take the id for a duplicate.
+                    // Publications read before it go to the store first (their InboundReceived
+                    // before this InboundReleased).
+                    self.flush_publications(&mut publications, &mut acks);
                     let known = self.inbound.remove(&rel.pkid);
                     let answer: Answer = if known && !self.clean {
                         let committed = self.shared.store.commit(vec![Op::InboundReleased {
@@ -483,7 +516,6 @@ impl Conn {
                     } else {
                         Box::pin(async { Ok(()) })
                     };
-                    self.flush_publications(&mut publications, &mut acks);
                     self.answers
                         .push_back((answer, vec![Ack::PubComp(rel.pkid)]));
                 }
@@ -772,6 +804,7 @@ impl Conn {
 
     /// Ends the connection: a last flush (bounded), the will, the router told.
     async fn finish(mut self, end: End) {
+        self.finished = true;
         self.send_ops();
         let will = match &end {
             End::Disconnect => {
@@ -785,7 +818,12 @@ impl Conn {
             }
         };
         if matches!(end, End::Shutdown | End::Disconnect) {
-            let _ = tokio::time::timeout(Duration::from_millis(200), self.flush()).await;
+            // A last flush, never past the drain's deadline.
+            let mut limit = Duration::from_millis(200);
+            if let Some(deadline) = self.closing {
+                limit = limit.min(deadline.saturating_duration_since(Instant::now()));
+            }
+            let _ = tokio::time::timeout(limit, self.flush()).await;
         }
         let _ = self.writer.shutdown().await;
         self.outbox.backlog.close();

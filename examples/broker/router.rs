@@ -280,6 +280,8 @@ impl Router {
 
     /// Routes publications; returns what to wait for before they may be acknowledged.
     fn route(&mut self, from: &str, publications: Vec<Publication>) -> Answer<()> {
+        let from_conn = self.online.get(from).map(|o| o.conn);
+        let from_conn = from_conn.unwrap_or(ConnId::MAX);
         let mut ops = Vec::new();
         let mut must_wait = false;
         let mut congested: Vec<Outbox> = Vec::new();
@@ -293,7 +295,9 @@ impl Router {
                 ops.push(op);
             }
             for outbox in full {
-                if !congested.iter().any(|o| o.conn == outbox.conn) {
+                // Never hold a publisher on its own backlog: it would stop reading the very
+                // acknowledgements that shrink it.
+                if outbox.conn != from_conn && !congested.iter().any(|o| o.conn == outbox.conn) {
                     congested.push(outbox);
                 }
             }

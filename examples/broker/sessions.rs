@@ -105,14 +105,34 @@ impl Handler<Accept> for Sessions {
         let task = actix::spawn({
             let outbox = outbox.clone();
             async move {
+                // Dropped however the task ends (also by a panic or cancellation).
+                let _entry = LiveEntry {
+                    live,
+                    id,
+                    _guard: guard,
+                };
                 connection::serve(stream, peer, outbox, mailbox, shared).await;
-                live.borrow_mut().remove(&id);
-                drop(guard);
             }
         });
         self.live
             .borrow_mut()
             .insert(id, (outbox, task.abort_handle()));
+    }
+}
+
+/// A connection's place in `live` (and in the drain's count), given up when its task ends.
+struct LiveEntry {
+    live: Live,
+    id: ConnId,
+    _guard: actix_supervisor::InFlightGuard,
+}
+
+impl Drop for LiveEntry {
+    fn drop(&mut self) {
+        // `stopped` may hold the map while it cancels tasks; it empties it anyway.
+        if let Ok(mut live) = self.live.try_borrow_mut() {
+            live.remove(&self.id);
+        }
     }
 }
 

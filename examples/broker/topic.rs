@@ -63,7 +63,13 @@ pub enum TopicNameError {
     Null { at: usize },
     /// Longer than 65535 bytes of UTF-8; this is the length.
     TooLong { len: usize },
+    /// More than [`MAX_LEVELS`] levels; this is how many.
+    TooDeep { levels: usize },
 }
+
+/// The most levels a topic name or filter may have. MQTT sets no limit; the broker does, because
+/// the subscription trie is walked recursively and a topic of 65,535 `/` would exhaust the stack.
+pub const MAX_LEVELS: usize = 128;
 
 impl fmt::Display for TopicNameError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -73,6 +79,9 @@ impl fmt::Display for TopicNameError {
                 write!(f, "topic name has a wildcard (+ or #) at byte {at}")
             }
             Self::Null { at } => write!(f, "topic name has a NUL character at byte {at}"),
+            Self::TooDeep { levels } => {
+                write!(f, "topic name has {levels} levels (at most {MAX_LEVELS})")
+            }
             Self::TooLong { len } => {
                 write!(
                     f,
@@ -100,6 +109,8 @@ pub enum TopicFilterError {
     Null { at: usize },
     /// Longer than 65535 bytes of UTF-8; this is the length.
     TooLong { len: usize },
+    /// More than [`MAX_LEVELS`] levels; this is how many.
+    TooDeep { levels: usize },
 }
 
 impl fmt::Display for TopicFilterError {
@@ -116,6 +127,9 @@ impl fmt::Display for TopicFilterError {
                 write!(f, "'+' must be a whole level, level {level} has more")
             }
             Self::Null { at } => write!(f, "topic filter has a NUL character at byte {at}"),
+            Self::TooDeep { levels } => {
+                write!(f, "topic filter has {levels} levels (at most {MAX_LEVELS})")
+            }
             Self::TooLong { len } => {
                 write!(
                     f,
@@ -146,6 +160,10 @@ impl TopicName {
         }
         if let Some(at) = s.find('\0') {
             return Err(TopicNameError::Null { at });
+        }
+        let levels = s.split('/').count();
+        if levels > MAX_LEVELS {
+            return Err(TopicNameError::TooDeep { levels });
         }
         Ok(Self(s.to_owned()))
     }
@@ -188,6 +206,9 @@ impl TopicFilter {
             return Err(TopicFilterError::Null { at });
         }
         let count = s.split('/').count();
+        if count > MAX_LEVELS {
+            return Err(TopicFilterError::TooDeep { levels: count });
+        }
         for (level, text) in s.split('/').enumerate() {
             if text.contains('#') {
                 if text != "#" {
@@ -436,6 +457,25 @@ impl<C: Clone + Eq + Hash> Subscriptions<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topics_deeper_than_the_limit_are_refused_not_walked() {
+        let deep = "a/".repeat(MAX_LEVELS); // MAX_LEVELS + 1 levels (the last one empty)
+        assert_eq!(
+            TopicName::parse(&deep),
+            Err(TopicNameError::TooDeep {
+                levels: MAX_LEVELS + 1
+            })
+        );
+        assert_eq!(
+            TopicFilter::parse(&deep),
+            Err(TopicFilterError::TooDeep {
+                levels: MAX_LEVELS + 1
+            })
+        );
+        let ok = "a/".repeat(MAX_LEVELS - 1) + "#";
+        assert!(TopicFilter::parse(&ok).is_ok());
+    }
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
