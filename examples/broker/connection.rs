@@ -635,14 +635,9 @@ impl Conn {
                 filters,
             })
             .await;
-        match answer {
-            Ok(Ok(())) => {
-                self.encode(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
-                Ok(())
-            }
-            Ok(Err(e)) => Err(End::Abnormal(format!("subscribing failed: {e}"))),
-            Err(e) => Err(End::Abnormal(format!("subscribing failed: {e}"))),
-        }
+        router_done(answer, "subscribing")?;
+        self.encode(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
+        Ok(())
     }
 
     async fn on_unsubscribe(
@@ -666,14 +661,9 @@ impl Conn {
                 filters,
             })
             .await;
-        match answer {
-            Ok(Ok(())) => {
-                self.encode(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
-                Ok(())
-            }
-            Ok(Err(e)) => Err(End::Abnormal(format!("unsubscribing failed: {e}"))),
-            Err(e) => Err(End::Abnormal(format!("unsubscribing failed: {e}"))),
-        }
+        router_done(answer, "unsubscribing")?;
+        self.encode(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
+        Ok(())
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) for an outbound message.
@@ -858,6 +848,18 @@ async fn next_answer(answers: &mut VecDeque<(Answer, Vec<Ack>)>) -> Result<(), R
 async fn read_into(reader: &mut OwnedReadHalf, input: &mut BytesMut) -> std::io::Result<bool> {
     input.reserve(READ_CHUNK);
     Ok(reader.read_buf(input).await? > 0)
+}
+
+/// The router's answer to a request the connection waited for: done, or why the connection ends.
+fn router_done(
+    answer: Result<Result<(), RouteError>, actix::MailboxError>,
+    what: &str,
+) -> Result<(), End> {
+    match answer {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Abnormal(format!("{what} failed: {e}"))),
+        Err(e) => Err(End::Abnormal(format!("{what} failed: {e}"))),
+    }
 }
 
 fn violation(reason: String) -> End {

@@ -379,6 +379,22 @@ pub enum Rejection {
     Invalid(ApplyError),
 }
 
+/// A packet id about to be taken: not zero, not `in_use`.
+fn check_new_pkid(client: &str, pkid: PacketId, in_use: bool) -> Result<(), ApplyError> {
+    if pkid == 0 {
+        Err(ApplyError::ZeroPacketId {
+            client: client.to_owned(),
+        })
+    } else if in_use {
+        Err(ApplyError::PacketIdInUse {
+            client: client.to_owned(),
+            pkid,
+        })
+    } else {
+        Ok(())
+    }
+}
+
 fn check_qos(qos: Qos) -> Result<(), ApplyError> {
     if qos <= 2 {
         Ok(())
@@ -515,17 +531,8 @@ impl State {
                     })?;
                 if entry.qos == 0 {
                     Ok(())
-                } else if *pkid == 0 {
-                    Err(ApplyError::ZeroPacketId {
-                        client: client.clone(),
-                    })
-                } else if session.outbound_in_use(*pkid) {
-                    Err(ApplyError::PacketIdInUse {
-                        client: client.clone(),
-                        pkid: *pkid,
-                    })
                 } else {
-                    Ok(())
+                    check_new_pkid(client, *pkid, session.outbound_in_use(*pkid))
                 }
             }
             Op::Received { client, pkid } => {
@@ -555,18 +562,7 @@ impl State {
             }
             Op::InboundReceived { client, pkid } => {
                 let session = self.session_of(client)?;
-                if *pkid == 0 {
-                    Err(ApplyError::ZeroPacketId {
-                        client: client.clone(),
-                    })
-                } else if session.inbound.contains(pkid) {
-                    Err(ApplyError::PacketIdInUse {
-                        client: client.clone(),
-                        pkid: *pkid,
-                    })
-                } else {
-                    Ok(())
-                }
+                check_new_pkid(client, *pkid, session.inbound.contains(pkid))
             }
             Op::InboundReleased { client, pkid } => {
                 if self.session_of(client)?.inbound.contains(pkid) {
