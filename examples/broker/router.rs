@@ -147,7 +147,8 @@ struct Loaded {
 pub struct Router {
     store: StoreClient,
     subscriptions: Subscriptions<String>,
-    retained: BTreeMap<String, Arc<Message>>,
+    /// Keyed by the validated name, so a SUBSCRIBE matches without parsing every topic again.
+    retained: BTreeMap<TopicName, Arc<Message>>,
     online: HashMap<String, Online>,
     /// Every persistent session, connected or not.
     persistent: HashSet<String>,
@@ -173,7 +174,16 @@ impl Router {
     fn load(&mut self, loaded: Loaded) {
         self.next_id = loaded.next_id;
         for msg in loaded.retained {
-            self.retained.insert(msg.topic.clone(), Arc::new(msg));
+            match TopicName::parse(&msg.topic) {
+                Ok(name) => {
+                    self.retained.insert(name, Arc::new(msg));
+                }
+                Err(e) => log::warn!(
+                    target: LOG,
+                    "stored retained topic `{}` is invalid ({e}); skipped",
+                    msg.topic
+                ),
+            }
         }
         let sessions = loaded.sessions.len();
         for (client, filters) in loaded.sessions {
@@ -347,9 +357,9 @@ impl Router {
         });
         if retain {
             if msg.payload.is_empty() {
-                self.retained.remove(&msg.topic);
+                self.retained.remove(&topic);
             } else {
-                self.retained.insert(msg.topic.clone(), msg.clone());
+                self.retained.insert(topic.clone(), msg.clone());
             }
         }
         let mut to = Vec::new();
@@ -397,11 +407,9 @@ impl Router {
                 });
             }
             // MQTT-3.3.1-6: the retained messages matching a new subscription go to it.
-            for msg in self.retained.values() {
-                if let Ok(name) = TopicName::parse(&msg.topic) {
-                    if filter.matches(&name) {
-                        retained.push((msg.clone(), qos.min(msg.qos)));
-                    }
+            for (name, msg) in &self.retained {
+                if filter.matches(name) {
+                    retained.push((msg.clone(), qos.min(msg.qos)));
                 }
             }
         }
