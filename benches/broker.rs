@@ -915,6 +915,20 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
     sorted[i] as f64
 }
 
+/// Runs one client's set-up (connect, subscribe) within [`SETUP_TIMEOUT`]; the error names the
+/// client and what it was waiting for.
+async fn set_up<T>(
+    id: &str,
+    waiting_for: &str,
+    setup: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(format!("{id}: {e}")),
+        Err(_) => Err(format!("{id}: no {waiting_for} in {SETUP_TIMEOUT:?}")),
+    }
+}
+
 /// The load of `shape` against the broker at `addr`; `cpu` reads the broker's CPU time.
 async fn load(
     shape: Shape,
@@ -935,16 +949,10 @@ async fn load(
             subscribe(&mut stream, &mut buf, &topics, shape.qos).await?;
             Ok::<_, std::io::Error>((stream, buf))
         };
-        match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
-            Ok(Ok(s)) => subs.push(s),
-            Ok(Err(e)) => {
-                sample.errors.push(format!("{id}: {e}"));
-                return sample;
-            }
-            Err(_) => {
-                sample
-                    .errors
-                    .push(format!("{id}: no CONNACK/SUBACK in {SETUP_TIMEOUT:?}"));
+        match set_up(&id, "CONNACK/SUBACK", setup).await {
+            Ok(s) => subs.push(s),
+            Err(e) => {
+                sample.errors.push(e);
                 return sample;
             }
         }
@@ -952,16 +960,10 @@ async fn load(
     let mut pubs = Vec::new();
     for i in 0..shape.publishers {
         let id = format!("bench-{run}-pub-{i}");
-        match tokio::time::timeout(SETUP_TIMEOUT, connect(addr, &id)).await {
-            Ok(Ok(s)) => pubs.push(s),
-            Ok(Err(e)) => {
-                sample.errors.push(format!("{id}: {e}"));
-                return sample;
-            }
-            Err(_) => {
-                sample
-                    .errors
-                    .push(format!("{id}: no CONNACK in {SETUP_TIMEOUT:?}"));
+        match set_up(&id, "CONNACK", connect(addr, &id)).await {
+            Ok(s) => pubs.push(s),
+            Err(e) => {
+                sample.errors.push(e);
                 return sample;
             }
         }
