@@ -7,6 +7,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 
 use actix::dev::{MessageResponse, OneshotSender};
@@ -114,6 +115,29 @@ impl<A: Actor<Context = Context<A>>> ChildAddr<A> {
             }
         }
         rx.await.map_err(|_| MailboxError::Closed)
+    }
+
+    /// Puts a message in the mailbox now and returns a future of the handler's result.
+    ///
+    /// Unlike [`send`](Self::send), whose message enters the mailbox only when the future is
+    /// first polled, the message is queued before this returns — so it keeps its place among
+    /// other messages sent after it (with `do_send` or `request`), and the caller can go on and
+    /// await the answer later. Like `do_send` it ignores the mailbox capacity. Fails at once with
+    /// [`SendError::Closed`] when the child no longer accepts messages; the future fails with
+    /// [`MailboxError::Closed`] when the message was accepted but dropped unhandled (the child
+    /// was aborted). Dropping the future before the message is handled skips the handler.
+    pub fn request<M>(
+        &self,
+        msg: M,
+    ) -> Result<impl Future<Output = Result<M::Result, MailboxError>> + 'static, SendError<M>>
+    where
+        A: Handler<M>,
+        M: Message + Send + 'static,
+        M::Result: Send,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.push(msg, Some(tx), false).map_err(|(m, _)| m)?;
+        Ok(async move { rx.await.map_err(|_| MailboxError::Closed) })
     }
 
     /// True while the child accepts messages.

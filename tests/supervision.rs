@@ -1107,6 +1107,37 @@ async fn a_request_queued_behind_a_temporary_childs_panic_fails_instead_of_hangi
     );
 }
 
+/// `request` queues its message when called (not when awaited), so it keeps its place before
+/// messages sent after it; its answer can be awaited later; once the child is gone for good it
+/// fails at the sender with the message handed back.
+#[actix::test]
+async fn a_request_is_queued_when_made_and_answered_when_awaited() {
+    init_log();
+    let rec = Rec::default();
+    let t = plain("t", "t", &rec);
+    let ta = t.addr.clone();
+    let handle = Tree::builder("request")
+        .child(t.spec)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let first = ta.request(Num(1)).unwrap();
+    ta.do_send(Num(2)).unwrap();
+    let second = ta.request(Num(3)).unwrap();
+    // Awaited in the opposite order from the sends.
+    assert_eq!(actix_rt::time::timeout(LONG, second).await, Ok(Ok(3)));
+    assert_eq!(actix_rt::time::timeout(LONG, first).await, Ok(Ok(1)));
+    assert_eq!(*t.shared.nums.lock(), vec![1, 2, 3], "handled in send order");
+    handle.shutdown("test").await;
+    match ta.request(Num(4)) {
+        Err(SendError::Closed(Num(4))) => {}
+        Err(e) => panic!("expected Closed(Num(4)), got {e:?}"),
+        Ok(_) => panic!("a request to a stopped tree's child was accepted"),
+    }
+}
+
 // ----- 3. backoff -------------------------------------------------------------------------------
 
 #[actix::test]
