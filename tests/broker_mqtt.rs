@@ -469,6 +469,95 @@ fn qos2_with_rumqttc_beyond_the_inflight_window_delivers_every_message_once() {
     qos2_rumqttc_exactly_once("qos2-rumqttc-window", 150);
 }
 
+/// Two clients, each publishing QoS 1 to a topic the other subscribes to, faster than the other
+/// acknowledges what it receives: both subscriptions back up and flow control slows each
+/// publisher down. It must not stop either for good: a broker that stops reading a publisher's
+/// socket also stops seeing that client's PUBACKs for what it delivers to it, so each client's
+/// backlog would wait on the other's and both would stall. Every message gets through and every
+/// publish is acknowledged. (One thread drives both raw clients, so neither ever blocks the other.)
+///
+/// Fails on mosquitto 2.0.11, not by stalling: it acknowledges every publish and drops about
+/// 30% of the messages once a subscriber's queue is over its 1,000-message limit (issue 5,
+/// point 5: flow control, not loss).
+#[test]
+fn two_clients_publishing_to_each_other_both_get_through() {
+    const N: usize = 5_000;
+    /// Each client's own window of unacknowledged publishes.
+    const WINDOW: usize = 50;
+    /// Publishes each client sends per round, one packet per write (so a broker reading as
+    /// they come routes them separately).
+    const PUBLISHES_PER_ROUND: usize = 4;
+    /// PUBACKs each client sends per round: it reads everything, acknowledges slowly.
+    const ACKS_PER_ROUND: usize = 2;
+    let data = DataDir::new("crossed");
+    let broker = Broker::start_with(
+        &data,
+        &["--max-inflight", "10"],
+        "max_inflight_messages 10\n",
+    );
+    let mut clients = [
+        Raw::clean(broker.addr, "crossed-a"),
+        Raw::clean(broker.addr, "crossed-b"),
+    ];
+    clients[0].sub(&[("crossed/to-a", QoS::AtLeastOnce)]);
+    clients[1].sub(&[("crossed/to-b", QoS::AtLeastOnce)]);
+    let to = ["crossed/to-b", "crossed/to-a"];
+
+    let (mut sent, mut acked, mut received) = ([0usize; 2], [0usize; 2], [0usize; 2]);
+    let mut owed: [Vec<u16>; 2] = Default::default();
+    let until = Instant::now() + Duration::from_secs(120);
+    let (mut last, mut last_change) = (0, Instant::now());
+    while acked.iter().chain(&received).any(|&n| n < N) || owed.iter().any(|o| !o.is_empty()) {
+        let progress = acked.iter().chain(&received).sum::<usize>();
+        if progress != last {
+            (last, last_change) = (progress, Instant::now());
+        }
+        assert!(
+            Instant::now() < until && last_change.elapsed() < Duration::from_secs(20),
+            "stalled: a sent {}, was acknowledged {}, received {}; b sent {}, was acknowledged \
+             {}, received {} (of {N} each)",
+            sent[0],
+            acked[0],
+            received[0],
+            sent[1],
+            acked[1],
+            received[1]
+        );
+        for k in 0..2 {
+            let raw = &mut clients[k];
+            let round_end = (sent[k] + PUBLISHES_PER_ROUND).min(N);
+            while sent[k] < round_end && sent[k] - acked[k] < WINDOW {
+                let mut p = Publish::new(
+                    to[k],
+                    QoS::AtLeastOnce,
+                    (sent[k] as u32).to_be_bytes().to_vec(),
+                );
+                p.pkid = (sent[k] % 65_535 + 1) as u16;
+                raw.send(Packet::Publish(p));
+                sent[k] += 1;
+            }
+            while let Some(packet) = raw
+                .recv_within(Duration::from_millis(1))
+                .expect("connected")
+            {
+                match packet {
+                    Packet::PubAck(_) => acked[k] += 1,
+                    Packet::Publish(p) => {
+                        received[k] += 1;
+                        owed[k].push(p.pkid);
+                    }
+                    other => panic!("client {k}: unexpected {other:?}"),
+                }
+            }
+            let n = owed[k].len().min(ACKS_PER_ROUND);
+            for pkid in owed[k].drain(..n) {
+                raw.send(Packet::PubAck(PubAck::new(pkid)));
+            }
+        }
+    }
+    assert_eq!((acked, received), ([N, N], [N, N]), "each message once");
+}
+
 /// 3.8.4 / 4.3: a message is delivered at the lower of its publish QoS and the subscription's
 /// granted QoS.
 #[test]

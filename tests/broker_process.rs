@@ -20,11 +20,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, Publish};
+use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, PubComp, PubRec, PubRel, Publish};
 use rumqttc::mqttbytes::QoS;
 
 use common::broker::{run_ours, under_test, Broker, DataDir};
-use common::mqtt::{encode, transient, Raw};
+use common::mqtt::{encode, transient, Next, Raw};
 
 /// How long a broker gets to answer a packet, on a loaded 2-core machine.
 const REPLY_WITHIN: Duration = Duration::from_secs(15);
@@ -861,6 +861,113 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
 // A client that does not read
 // ---------------------------------------------------------------------------------------------
 
+/// Publishes `n` QoS 2 messages (sequence numbers 0..n) on `topic`, 100 at a time, each
+/// through to its PUBCOMP.
+fn publish_qos2(raw: &mut Raw, topic: &str, n: u64) {
+    for first in (0..n).step_by(100) {
+        let batch = first..(first + 100).min(n);
+        for seq in batch.clone() {
+            raw.send(publish(
+                topic,
+                QoS::ExactlyOnce,
+                (seq % 65_535 + 1) as u16,
+                payload(seq, 8),
+            ));
+        }
+        let mut completed = 0;
+        while completed < batch.end - batch.start {
+            match raw.recv("PUBREC or PUBCOMP") {
+                Packet::PubRec(rec) => raw.send(Packet::PubRel(PubRel::new(rec.pkid))),
+                Packet::PubComp(_) => completed += 1,
+                other => panic!("publishing QoS 2: unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+/// Exactly-once towards a persistent QoS 2 subscriber survives kill -9 in the middle of the
+/// deliveries. The subscriber keeps what a QoS 2 receiver keeps across connections (MQTT 4.3.3):
+/// the packet ids it has PUBRECed and not seen released, with their messages; a PUBLISH under
+/// such an id is the same message again, any other PUBLISH is a new delivery. A broker that
+/// lets a message out before its packet id is durable sends it again after the crash under a
+/// new id, and one that sends PUBREL before it has durably seen the PUBREC sends the message
+/// again after its release: the subscriber counts both as second deliveries.
+#[test]
+fn kill_9_while_delivering_qos2_delivers_each_message_exactly_once() {
+    const K: u64 = 2_000;
+    let data = DataDir::new("qos2_kill");
+    let mut broker = Broker::ours(&data, &[]);
+    let sub_id = "qos2-kill-sub";
+    let (mut sub, _) = Raw::connect(broker.addr, sub_id, false);
+    sub.sub(&[("x2/#", QoS::ExactlyOnce)]);
+    sub.send(Packet::Disconnect);
+    sub.closed_within(CLOSE_WITHIN)
+        .expect("the broker closes the connection after DISCONNECT");
+    publish_qos2(&mut Raw::clean(broker.addr, "qos2-kill-pub"), "x2/seq", K);
+
+    let mut held: HashMap<u16, u64> = HashMap::new();
+    let mut delivered: HashMap<u64, u32> = HashMap::new();
+    let mut killed = false;
+    let until = Instant::now() + Duration::from_secs(120);
+    'session: loop {
+        let (mut sub, present) = Raw::connect(broker.addr, sub_id, false);
+        assert!(present, "the session survived");
+        while delivered.len() as u64 != K || !held.is_empty() {
+            assert!(
+                Instant::now() < until,
+                "after 120 s: {} of {K} delivered, {} not released",
+                delivered.len(),
+                held.len()
+            );
+            if !killed && delivered.len() as u64 >= K / 2 {
+                broker.sigkill();
+                broker
+                    .wait(REPLY_WITHIN)
+                    .expect("the broker survived SIGKILL");
+                broker = Broker::ours(&data, &[]);
+                killed = true;
+                continue 'session;
+            }
+            match sub.next(Duration::from_secs(1)) {
+                Next::Packet(Packet::Publish(p)) => {
+                    assert_eq!(p.qos, QoS::ExactlyOnce, "{p:?}");
+                    let seq = seq_of(&p);
+                    if let Some(&was) = held.get(&p.pkid) {
+                        assert_eq!(
+                            was, seq,
+                            "packet id {} reused for another message before its PUBREL",
+                            p.pkid
+                        );
+                    } else {
+                        held.insert(p.pkid, seq);
+                        *delivered.entry(seq).or_default() += 1;
+                    }
+                    sub.send(Packet::PubRec(PubRec::new(p.pkid)));
+                }
+                Next::Packet(Packet::PubRel(rel)) => {
+                    held.remove(&rel.pkid);
+                    sub.send(Packet::PubComp(PubComp::new(rel.pkid)));
+                }
+                Next::Packet(other) => panic!("the subscriber got an unexpected {other:?}"),
+                Next::Timeout => {}
+                Next::Closed => panic!(
+                    "the broker closed the subscriber's connection; output:\n{}",
+                    broker.output()
+                ),
+            }
+        }
+        break;
+    }
+    let mut twice: Vec<(u64, u32)> = delivered.into_iter().filter(|&(_, n)| n > 1).collect();
+    twice.sort();
+    assert!(
+        twice.is_empty(),
+        "{} messages delivered more than once (sequence, times): {twice:?}",
+        twice.len()
+    );
+    broker.stop(CLOSE_WITHIN);
+}
+
 /// The process's resident memory, in bytes.
 fn rss(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -948,6 +1055,51 @@ fn a_client_that_does_not_read_slows_publishers_and_cannot_hold_the_shutdown() {
     );
     publisher.finish();
     drop(sleeper);
+}
+
+/// A client that writes and never reads — PINGREQ after PINGREQ, each owed a PINGRESP — cannot
+/// make the broker buffer what it owes without bound: once a little is owed, the broker stops
+/// reading that client, so TCP pushes back on its writes; other clients are served meanwhile.
+#[test]
+fn a_client_that_writes_and_never_reads_is_pushed_back() {
+    /// What the client tries to write; a broker that keeps reading takes all of it.
+    const LIMIT: u64 = 64 << 20;
+    let data = DataDir::new("write_only");
+    let mut broker = Broker::ours(&data, &[]);
+    let (mut raw, _) = Raw::connect_keep_alive(broker.addr, "write-only", true, 0);
+    let pings = [0xC0u8, 0x00].repeat(32 * 1024);
+    raw.stream
+        .set_write_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let start = Instant::now();
+    let (mut written, mut last_change) = (0u64, Instant::now());
+    // Time is the subject: the writes must stall (nothing accepted for 1.5 s) before LIMIT.
+    while written < LIMIT && last_change.elapsed() < Duration::from_millis(1500) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{written} bytes of PINGREQ written in 60 s, not stalled, not done"
+        );
+        match raw.stream.write(&pings) {
+            Ok(0) => panic!("the broker closed the connection"),
+            Ok(n) => (written, last_change) = (written + n as u64, Instant::now()),
+            Err(e) if transient(&e) => {}
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    let rss = rss(broker.pid()).unwrap_or(0);
+    eprintln!(
+        "write-only: {written} bytes of PINGREQ taken before the broker pushed back; RSS {} MiB",
+        rss >> 20
+    );
+    assert!(
+        written < LIMIT / 2,
+        "the broker took {written} bytes of PINGREQ from a client that reads none of its \
+         PINGRESPs"
+    );
+    let mut observer = Observer::new(broker.addr, "write-only");
+    observer.round_trip("while a client is pushed back");
+    drop(raw);
+    broker.stop(CLOSE_WITHIN);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1129,7 +1129,11 @@ async fn a_request_is_queued_when_made_and_answered_when_awaited() {
     // Awaited in the opposite order from the sends.
     assert_eq!(actix_rt::time::timeout(LONG, second).await, Ok(Ok(3)));
     assert_eq!(actix_rt::time::timeout(LONG, first).await, Ok(Ok(1)));
-    assert_eq!(*t.shared.nums.lock(), vec![1, 2, 3], "handled in send order");
+    assert_eq!(
+        *t.shared.nums.lock(),
+        vec![1, 2, 3],
+        "handled in send order"
+    );
     handle.shutdown("test").await;
     match ta.request(Num(4)) {
         Err(SendError::Closed(Num(4))) => {}

@@ -5,10 +5,17 @@
 //! four event sources: the socket's bytes, its mailbox, the answers to its publications, and its
 //! keep-alive timer. Packets are decoded and encoded with rumqttc's `mqttbytes::v4` codec.
 //!
-//! **Inbound PUBLISH.** Every PUBLISH decoded from one read goes to the router as one [`Route`];
-//! its acknowledgements (PUBACK, PUBREC) are sent when the router answers, in the order the
-//! PUBLISH packets came (MQTT-4.6.0). While [`MAX_ROUTES`] answers are outstanding the socket is
-//! not read: this is how a slow subscriber slows its publishers down (see [`crate::outbox`]).
+//! **Inbound requests.** PUBLISH, PUBREL, SUBSCRIBE and UNSUBSCRIBE ask the router or the store
+//! for something, and their answers (PUBACK, PUBREC, PUBCOMP, SUBACK, UNSUBACK) go out in the
+//! order the requests came (MQTT-4.6.0): consecutive PUBLISH packets go to the router as one
+//! [`Route`], the others one by one, and each waits in `answers` for its answer. While
+//! [`MAX_ROUTES`] answers are outstanding, further requests are *held* (decoded, not sent on):
+//! this is how a slow subscriber slows its publishers down (the router holds their answers, see
+//! [`crate::outbox`]). The socket is still read meanwhile, so the client's acknowledgements of
+//! what it receives (and its PINGREQs) are handled at once — otherwise two clients publishing to
+//! each other would each wait for the other's backlog, which waits for acknowledgements nobody
+//! reads. Reading stops only when [`HELD_MAX`] bytes of requests are held, or when [`OUT_MAX`]
+//! bytes wait for a client that does not read what it is sent.
 //!
 //! **Outbound PUBLISH.** Deliveries wait in `pending` until the client's window has room (at most
 //! `max_inflight` QoS 1/2 messages unacknowledged) and the output buffer is below
@@ -18,6 +25,11 @@
 //! **Persistent sessions.** A delivery the store holds for the session (`stored`) is logged as
 //! `Sent` when encoded and `Completed` when acknowledged, so after a restart the session resumes
 //! exactly: unacknowledged messages again with DUP, PUBREL for QoS 2 half-done, the rest queued.
+//! For QoS 2 the client sees a PUBLISH only once its `Sent` (its packet id) is durable, and a
+//! PUBREL only once `Received` is: a crash in between could otherwise send the message again
+//! under a new packet id, or again after its PUBREL — a duplicate the client cannot detect. Such
+//! packets wait in `gates` (with everything encoded after them, to keep the order) until the
+//! store answers.
 //!
 //! **Shutdown.** [`ToConn::Quiesce`]: PUBLISH packets from the client are no longer taken (not
 //! acknowledged, so the client sends them again after reconnecting); the connection answers
@@ -38,7 +50,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_supervisor::ChildAddr;
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, PubRel, Publish, SubAck,
     SubscribeReasonCode, UnsubAck,
@@ -59,10 +71,15 @@ use crate::topic::{TopicFilter, TopicName};
 
 const LOG: &str = "broker::connection";
 
-/// Route answers a connection may wait for before it stops reading its socket.
+/// Answers a connection may wait for before it holds further requests.
 pub const MAX_ROUTES: usize = 4;
+/// Bytes of held requests at which the socket is no longer read.
+const HELD_MAX: usize = 256 * 1024;
 /// Output bytes buffered for the socket before deliveries are left pending.
 const OUT_HIGH: usize = 64 * 1024;
+/// Output bytes at which the socket is no longer read: the client does not read what it is
+/// sent, so what it sends (and the acknowledgements it earns) waits in its socket, not here.
+const OUT_MAX: usize = 2 * OUT_HIGH;
 /// How long a new connection has to send CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most bytes one read takes from the socket.
@@ -105,12 +122,49 @@ enum End {
 
 type Answer = Pin<Box<dyn Future<Output = Result<(), RouteError>>>>;
 
-/// Acknowledgements owed once an answer comes.
+/// A store commit the packets behind it wait for.
+type Gate = Pin<Box<dyn Future<Output = Result<(), String>>>>;
+
+/// Packets owed to the client once an answer comes.
 #[allow(clippy::enum_variant_names)] // MQTT's packet names
 enum Ack {
     PubAck(PacketId),
     PubRec(PacketId),
     PubComp(PacketId),
+    SubAck(PacketId, Vec<SubscribeReasonCode>),
+    UnsubAck(PacketId),
+}
+
+impl Ack {
+    fn packet(self) -> Packet {
+        match self {
+            Ack::PubAck(pkid) => Packet::PubAck(PubAck::new(pkid)),
+            Ack::PubRec(pkid) => Packet::PubRec(PubRec::new(pkid)),
+            Ack::PubComp(pkid) => Packet::PubComp(PubComp::new(pkid)),
+            Ack::SubAck(pkid, codes) => Packet::SubAck(SubAck::new(pkid, codes)),
+            Ack::UnsubAck(pkid) => Packet::UnsubAck(UnsubAck::new(pkid)),
+        }
+    }
+}
+
+/// A decoded packet that asks the router or the store for something, in the order it came.
+enum Request {
+    /// PUBLISH: the publication to route (`None`: a QoS 2 message sent again before PUBREL,
+    /// not routed twice — MQTT-4.3.3-2) and its acknowledgement.
+    Publish {
+        publication: Option<Publication>,
+        ack: Option<Ack>,
+    },
+    /// PUBREL; `known`: the packet id was one in flight (persistent sessions log its release).
+    Release { pkid: PacketId, known: bool },
+    Subscribe {
+        pkid: PacketId,
+        filters: Vec<(TopicFilter, Qos)>,
+    },
+    Unsubscribe {
+        pkid: PacketId,
+        filters: Vec<TopicFilter>,
+    },
 }
 
 /// Serves one TCP connection to its end.
@@ -143,7 +197,12 @@ pub async fn serve(
         next_pkid: 0,
         inbound: BTreeSet::new(),
         answers: VecDeque::new(),
+        held: VecDeque::new(),
+        held_bytes: 0,
         ops: Vec::new(),
+        staged: BytesMut::new(),
+        gates: VecDeque::new(),
+        gated_bytes: 0,
         quiesced: None,
         closing: None,
         draining: false,
@@ -152,7 +211,7 @@ pub async fn serve(
     };
     let end = match conn.handshake().await {
         // Clients may send packets right behind CONNECT without waiting for CONNACK (§3.1.4).
-        Ok(true) => match conn.on_input().await {
+        Ok(true) => match conn.on_input() {
             Some(end) => end,
             None => conn.run().await,
         },
@@ -185,10 +244,20 @@ struct Conn {
     next_pkid: PacketId,
     /// Inbound QoS 2 packet ids routed and not released yet.
     inbound: BTreeSet<PacketId>,
-    /// Answers awaited, oldest first, with the acknowledgements each releases.
+    /// Answers awaited, oldest first, with the packets each releases.
     answers: VecDeque<(Answer, Vec<Ack>)>,
+    /// Requests decoded and not sent on yet (`MAX_ROUTES` answers are outstanding), with their
+    /// sizes on the wire; `held_bytes` is their sum.
+    held: VecDeque<(Request, usize)>,
+    held_bytes: usize,
     /// Store ops to send at the end of this turn of the loop.
     ops: Vec<Op>,
+    /// Outbound PUBLISH and PUBREL packets encoded this turn that wait for this turn's `ops`
+    /// (or for a gate before them).
+    staged: BytesMut,
+    /// Packets waiting for a store commit, oldest first; `gated_bytes` is their size.
+    gates: VecDeque<(Gate, BytesMut)>,
+    gated_bytes: usize,
     /// Told to quiesce: answer here once `answers` is empty.
     quiesced: Option<oneshot::Sender<()>>,
     /// Told to close, by this deadline.
@@ -368,9 +437,10 @@ impl Conn {
     /// The session's loop, until the connection ends.
     async fn run(&mut self) -> End {
         loop {
+            self.dispatch(false);
             self.encode_pending();
             self.send_ops();
-            if self.quiesced.is_some() && self.answers.is_empty() {
+            if self.quiesced.is_some() && self.answers.is_empty() && self.held.is_empty() {
                 if let Some(done) = self.quiesced.take() {
                     let _ = done.send(());
                 }
@@ -378,8 +448,11 @@ impl Conn {
             if let Some(deadline) = self.closing {
                 // Idle: nothing to send, nothing in flight either way (the acknowledgements for
                 // what the client published are sent once the router answers).
-                let idle =
-                    self.pending.is_empty() && self.outgoing.is_empty() && self.answers.is_empty();
+                let idle = self.pending.is_empty()
+                    && self.outgoing.is_empty()
+                    && self.answers.is_empty()
+                    && self.held.is_empty()
+                    && self.gates.is_empty();
                 if (idle && self.out.is_empty()) || Instant::now() >= deadline {
                     return End::Shutdown;
                 }
@@ -388,7 +461,7 @@ impl Conn {
                 .keep_alive
                 .map(|ka| tokio::time::Instant::from_std(self.last_packet + ka));
             let close_at = self.closing.map(tokio::time::Instant::from_std);
-            let read = self.answers.len() < MAX_ROUTES;
+            let read = self.held_bytes < HELD_MAX && self.out.len() < OUT_MAX;
             // While the broker itself does not read (flow control), the client's packets wait in
             // the socket: its silence is ours, not its own.
             let keep_alive = keep_alive.filter(|_| read);
@@ -396,6 +469,7 @@ impl Conn {
                 let Conn {
                     mailbox,
                     answers,
+                    gates,
                     writer,
                     out,
                     reader,
@@ -406,6 +480,7 @@ impl Conn {
                     biased;
                     msg = mailbox.recv() => Event::Mail(msg),
                     answer = next_answer(answers), if !answers.is_empty() => Event::Answer(answer),
+                    stored = next_gate(gates), if !gates.is_empty() => Event::Stored(stored),
                     written = writer.write_buf(out), if !out.is_empty() => Event::Written(written),
                     more = read_into(reader, input), if read => Event::Read(more),
                     () = sleep_until(keep_alive), if keep_alive.is_some() => Event::KeepAlive,
@@ -426,26 +501,30 @@ impl Conn {
                         return End::Abnormal(format!("routing failed: {e}"));
                     }
                     for ack in acks.into_iter().flatten() {
-                        self.encode(match ack {
-                            Ack::PubAck(pkid) => Packet::PubAck(PubAck::new(pkid)),
-                            Ack::PubRec(pkid) => Packet::PubRec(PubRec::new(pkid)),
-                            Ack::PubComp(pkid) => Packet::PubComp(PubComp::new(pkid)),
-                        });
+                        self.encode(ack.packet());
                     }
                 }
+                Event::Stored(Ok(())) => {
+                    if let Some((_, bytes)) = self.gates.pop_front() {
+                        self.gated_bytes -= bytes.len();
+                        self.out.extend_from_slice(&bytes);
+                    }
+                }
+                Event::Stored(Err(e)) => return End::Abnormal(format!("the store failed: {e}")),
                 Event::Written(Ok(_)) => {}
                 Event::Written(Err(e)) => return End::Abnormal(format!("write: {e}")),
                 Event::Read(Ok(true)) => {
                     self.last_packet = Instant::now();
-                    if let Some(end) = self.on_input().await {
+                    if let Some(end) = self.on_input() {
                         return end;
                     }
                 }
                 Event::Read(Ok(false)) => {
                     // What came before the end is handled first: it may end with DISCONNECT.
-                    if let Some(end) = self.on_input().await {
+                    if let Some(end) = self.on_input() {
                         return end;
                     }
+                    self.dispatch(true);
                     return End::Abnormal(
                         "the client closed the connection without DISCONNECT".into(),
                     );
@@ -478,60 +557,54 @@ impl Conn {
         None
     }
 
-    /// Handles every whole packet in the input buffer.
-    async fn on_input(&mut self) -> Option<End> {
+    /// Handles every whole packet in the input buffer: acknowledgements of what the client
+    /// receives and PINGREQ at once, requests into `held`.
+    fn on_input(&mut self) -> Option<End> {
         let max = self.shared.limits.max_packet_size;
-        let mut publications = Vec::new();
-        let mut acks = Vec::new();
         let end = loop {
+            let before = self.input.len();
             let packet = match Packet::read(&mut self.input, max) {
                 Ok(packet) => packet,
                 Err(CodecError::InsufficientBytes(_)) => break None,
                 Err(e) => break Some(violation(format!("malformed packet: {e}"))),
             };
-            match packet {
-                Packet::Publish(publish) => {
-                    if let Err(end) = self.on_publish(publish, &mut publications, &mut acks) {
-                        break Some(end);
-                    }
+            let size = before - self.input.len();
+            let request = match packet {
+                Packet::Publish(publish) => match self.on_publish(publish) {
+                    Ok(Some(request)) => request,
+                    Ok(None) => continue,
+                    Err(end) => break Some(end),
+                },
+                Packet::PubAck(ack) => {
+                    self.acknowledged(ack.pkid, Awaiting::PubAck);
+                    continue;
                 }
-                Packet::PubAck(ack) => self.acknowledged(ack.pkid, Awaiting::PubAck),
-                Packet::PubRec(rec) => self.received(rec.pkid),
-                Packet::PubComp(comp) => self.acknowledged(comp.pkid, Awaiting::PubComp),
-                Packet::PubRel(rel) => {
-                    // MQTT-4.3.3: forget the packet id, then PUBCOMP; a persistent session
-                    // makes that durable first, or a crash could take the id for a duplicate.
-                    // Publications read before it go to the store first (their InboundReceived
-                    // before this InboundReleased).
-                    self.flush_publications(&mut publications, &mut acks);
-                    let known = self.inbound.remove(&rel.pkid);
-                    let answer: Answer = if known && !self.clean {
-                        let committed = self.shared.store.commit(vec![Op::InboundReleased {
-                            client: self.client.clone(),
-                            pkid: rel.pkid,
-                        }]);
-                        Box::pin(
-                            async move { committed.await.map(|_| ()).map_err(|e| e.to_string()) },
-                        )
-                    } else {
-                        Box::pin(async { Ok(()) })
-                    };
-                    self.answers
-                        .push_back((answer, vec![Ack::PubComp(rel.pkid)]));
+                Packet::PubRec(rec) => {
+                    self.received(rec.pkid);
+                    continue;
                 }
-                Packet::Subscribe(subscribe) => {
-                    self.flush_publications(&mut publications, &mut acks);
-                    if let Err(end) = self.on_subscribe(subscribe).await {
-                        break Some(end);
-                    }
+                Packet::PubComp(comp) => {
+                    self.acknowledged(comp.pkid, Awaiting::PubComp);
+                    continue;
                 }
-                Packet::Unsubscribe(unsubscribe) => {
-                    self.flush_publications(&mut publications, &mut acks);
-                    if let Err(end) = self.on_unsubscribe(unsubscribe).await {
-                        break Some(end);
-                    }
+                Packet::PingReq => {
+                    self.encode(Packet::PingResp);
+                    continue;
                 }
-                Packet::PingReq => self.encode(Packet::PingResp),
+                Packet::PubRel(rel) => Request::Release {
+                    pkid: rel.pkid,
+                    // MQTT-4.3.3: the packet id is free from here on (a PUBLISH with it after
+                    // this is a new message); its PUBCOMP waits until that is durable.
+                    known: self.inbound.remove(&rel.pkid),
+                },
+                Packet::Subscribe(subscribe) => match subscribe_request(subscribe) {
+                    Ok(request) => request,
+                    Err(reason) => break Some(violation(reason)),
+                },
+                Packet::Unsubscribe(unsubscribe) => match unsubscribe_request(unsubscribe) {
+                    Ok(request) => request,
+                    Err(reason) => break Some(violation(reason)),
+                },
                 Packet::Disconnect => break Some(End::Disconnect),
                 Packet::Connect(_) => break Some(violation("a second CONNECT".into())),
                 other => {
@@ -540,130 +613,149 @@ impl Conn {
                         packet_name(&other)
                     )))
                 }
-            }
+            };
+            self.held_bytes += size;
+            self.held.push_back((request, size));
         };
-        // What was read before a violation or DISCONNECT is still routed (and acknowledged if
-        // the connection lives long enough): the client sent it.
-        self.flush_publications(&mut publications, &mut acks);
+        if end.is_some() {
+            // What was read before a violation or DISCONNECT is still routed (and acknowledged
+            // if the connection lives long enough): the client sent it.
+            self.dispatch(true);
+        }
         end
     }
 
-    fn on_publish(
-        &mut self,
-        publish: Publish,
-        publications: &mut Vec<Publication>,
-        acks: &mut Vec<Ack>,
-    ) -> Result<(), End> {
+    /// The request a PUBLISH makes, if it is taken.
+    fn on_publish(&mut self, publish: Publish) -> Result<Option<Request>, End> {
         let topic = TopicName::parse(&publish.topic)
             .map_err(|e| violation(format!("PUBLISH to `{}`: {e}", publish.topic)))?;
         if self.draining {
             // Not taken, not acknowledged: the client sends it again when it reconnects.
             log::debug!(target: LOG, "{}: PUBLISH while draining, not taken", self.peer);
-            return Ok(());
+            return Ok(None);
         }
         let qos = publish.qos as Qos;
-        match qos {
-            1 => acks.push(Ack::PubAck(publish.pkid)),
+        let ack = match qos {
+            1 => Some(Ack::PubAck(publish.pkid)),
             2 => {
-                acks.push(Ack::PubRec(publish.pkid));
                 if !self.inbound.insert(publish.pkid) {
                     // MQTT-4.3.3-2: a PUBLISH sent again before PUBREL is not routed twice.
-                    return Ok(());
+                    return Ok(Some(Request::Publish {
+                        publication: None,
+                        ack: Some(Ack::PubRec(publish.pkid)),
+                    }));
                 }
+                Some(Ack::PubRec(publish.pkid))
             }
-            _ => {}
-        }
-        publications.push(Publication {
-            topic,
-            payload: publish.payload,
-            qos,
-            retain: publish.retain,
-            pkid: publish.pkid,
-        });
-        Ok(())
+            _ => None,
+        };
+        Ok(Some(Request::Publish {
+            publication: Some(Publication {
+                topic,
+                payload: publish.payload,
+                qos,
+                retain: publish.retain,
+                pkid: publish.pkid,
+            }),
+            ack,
+        }))
     }
 
-    /// Sends the publications read so far to the router, with the acknowledgements they release.
-    fn flush_publications(&mut self, publications: &mut Vec<Publication>, acks: &mut Vec<Ack>) {
-        if publications.is_empty() && acks.is_empty() {
-            return;
+    /// Sends held requests on, oldest first, while fewer than [`MAX_ROUTES`] answers are
+    /// outstanding — or all of them (`force`: the connection is ending).
+    fn dispatch(&mut self, force: bool) {
+        while force || self.answers.len() < MAX_ROUTES {
+            let Some(request) = self.take_held() else {
+                break;
+            };
+            let (answer, acks) = match request {
+                Request::Publish { publication, ack } => {
+                    let mut publications: Vec<Publication> = publication.into_iter().collect();
+                    let mut acks: Vec<Ack> = ack.into_iter().collect();
+                    // The PUBLISH packets right behind it go to the router with it.
+                    while let Some((Request::Publish { .. }, _)) = self.held.front() {
+                        if let Some(Request::Publish { publication, ack }) = self.take_held() {
+                            publications.extend(publication);
+                            acks.extend(ack);
+                        }
+                    }
+                    (self.route(publications), acks)
+                }
+                Request::Release { pkid, known } => {
+                    // Publications before it go to the store first (their InboundReceived
+                    // before this InboundReleased): the store takes requests in order.
+                    let answer: Answer = if known && !self.clean {
+                        let committed = self.shared.store.commit(vec![Op::InboundReleased {
+                            client: self.client.clone(),
+                            pkid,
+                        }]);
+                        Box::pin(
+                            async move { committed.await.map(|_| ()).map_err(|e| e.to_string()) },
+                        )
+                    } else {
+                        Box::pin(async { Ok(()) })
+                    };
+                    (answer, vec![Ack::PubComp(pkid)])
+                }
+                Request::Subscribe { pkid, filters } => {
+                    // MQTT-3.9.3: every filter is granted the QoS it asked for.
+                    let codes = filters
+                        .iter()
+                        .map(|(_, qos)| SubscribeReasonCode::Success(to_qos(*qos)))
+                        .collect();
+                    let client = self.client.clone();
+                    let answer = self.ask_router(Subscribe { client, filters });
+                    (answer, vec![Ack::SubAck(pkid, codes)])
+                }
+                Request::Unsubscribe { pkid, filters } => {
+                    let client = self.client.clone();
+                    let answer = self.ask_router(Unsubscribe { client, filters });
+                    (answer, vec![Ack::UnsubAck(pkid)])
+                }
+            };
+            self.answers.push_back((answer, acks));
         }
-        let acks = std::mem::take(acks);
+    }
+
+    fn take_held(&mut self) -> Option<Request> {
+        let (request, size) = self.held.pop_front()?;
+        self.held_bytes -= size;
+        Some(request)
+    }
+
+    /// Sends publications to the router; the answer comes once they are delivered or durable.
+    fn route(&mut self, publications: Vec<Publication>) -> Answer {
         if publications.is_empty() {
-            self.answers.push_back((Box::pin(async { Ok(()) }), acks));
-            return;
+            return Box::pin(async { Ok(()) });
         }
         let (reply, answer) = oneshot::channel();
         let route = Route {
             from: self.client.clone(),
-            publications: std::mem::take(publications),
+            publications,
             reply,
         };
-        let answer: Answer = match self.shared.router.do_send(route) {
+        match self.shared.router.do_send(route) {
             Ok(()) => Box::pin(async move {
                 answer
                     .await
                     .unwrap_or_else(|_| Err("the router stopped".to_owned()))
             }),
             Err(_) => Box::pin(async { Err("the router is not running".to_owned()) }),
-        };
-        self.answers.push_back((answer, acks));
+        }
     }
 
-    async fn on_subscribe(
-        &mut self,
-        subscribe: rumqttc::mqttbytes::v4::Subscribe,
-    ) -> Result<(), End> {
-        if subscribe.filters.is_empty() {
-            return Err(violation("SUBSCRIBE without a filter".into()));
+    /// Asks the router now (in order with the routes before it) and answers when it has.
+    fn ask_router<M>(&self, msg: M) -> Answer
+    where
+        M: actix::Message<Result = Result<(), RouteError>> + Send + 'static,
+        Router: actix::Handler<M>,
+    {
+        match self.shared.router.request(msg) {
+            Ok(answer) => {
+                Box::pin(async move { answer.await.unwrap_or_else(|e| Err(e.to_string())) })
+            }
+            Err(_) => Box::pin(async { Err("the router is not running".to_owned()) }),
         }
-        let mut filters = Vec::with_capacity(subscribe.filters.len());
-        for f in subscribe.filters {
-            let filter = TopicFilter::parse(&f.path)
-                .map_err(|e| violation(format!("SUBSCRIBE to `{}`: {e}", f.path)))?;
-            filters.push((filter, f.qos as Qos));
-        }
-        let codes = filters
-            .iter()
-            .map(|(_, qos)| SubscribeReasonCode::Success(to_qos(*qos)))
-            .collect();
-        let answer = self
-            .shared
-            .router
-            .send(Subscribe {
-                client: self.client.clone(),
-                filters,
-            })
-            .await;
-        router_done(answer, "subscribing")?;
-        self.encode(Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
-        Ok(())
-    }
-
-    async fn on_unsubscribe(
-        &mut self,
-        unsubscribe: rumqttc::mqttbytes::v4::Unsubscribe,
-    ) -> Result<(), End> {
-        if unsubscribe.topics.is_empty() {
-            return Err(violation("UNSUBSCRIBE without a filter".into()));
-        }
-        let mut filters = Vec::with_capacity(unsubscribe.topics.len());
-        for topic in unsubscribe.topics {
-            let filter = TopicFilter::parse(&topic)
-                .map_err(|e| violation(format!("UNSUBSCRIBE from `{topic}`: {e}")))?;
-            filters.push(filter);
-        }
-        let answer = self
-            .shared
-            .router
-            .send(Unsubscribe {
-                client: self.client.clone(),
-                filters,
-            })
-            .await;
-        router_done(answer, "unsubscribing")?;
-        self.encode(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
-        Ok(())
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) for an outbound message.
@@ -692,15 +784,16 @@ impl Conn {
         match out.awaiting {
             Awaiting::PubRec => {
                 out.awaiting = Awaiting::PubComp;
-                if out.stored {
+                let stored = out.stored;
+                if stored {
                     self.ops.push(Op::Received {
                         client: self.client.clone(),
                         pkid,
                     });
                 }
-                self.encode(Packet::PubRel(PubRel::new(pkid)));
+                self.emit(Packet::PubRel(PubRel::new(pkid)), stored);
             }
-            Awaiting::PubComp => self.encode(Packet::PubRel(PubRel::new(pkid))),
+            Awaiting::PubComp => self.emit(Packet::PubRel(PubRel::new(pkid)), false),
             Awaiting::PubAck => {
                 log::debug!(target: LOG, "{}: PUBREC for QoS 1 message {pkid}", self.peer)
             }
@@ -710,7 +803,7 @@ impl Conn {
     /// Encodes pending deliveries while the client's window and the output buffer have room.
     fn encode_pending(&mut self) {
         let mut counted = 0;
-        while self.out.len() < OUT_HIGH {
+        while self.out.len() + self.staged.len() + self.gated_bytes < OUT_HIGH {
             let Some((deliver, _)) = self.pending.front() else {
                 break;
             };
@@ -746,7 +839,9 @@ impl Conn {
                     pkid,
                 });
             }
-            self.encode(Packet::Publish(publish_packet(&deliver, pkid)));
+            // A QoS 2 message's packet id must be durable before the client sees it.
+            let durable = deliver.stored && deliver.qos == 2;
+            self.emit(Packet::Publish(publish_packet(&deliver, pkid)), durable);
             if self.draining {
                 self.shared
                     .stats
@@ -769,18 +864,44 @@ impl Conn {
         }
     }
 
+    /// Sends this turn's store ops; the packets staged this turn wait for them.
     fn send_ops(&mut self) {
-        if !self.ops.is_empty() {
+        let committed =
+            (!self.ops.is_empty()).then(|| self.shared.store.commit(std::mem::take(&mut self.ops)));
+        if self.staged.is_empty() {
             // Not awaited: these only record progress; the store takes them in order.
-            drop(self.shared.store.commit(std::mem::take(&mut self.ops)));
+            drop(committed);
+            return;
+        }
+        let staged = std::mem::take(&mut self.staged);
+        self.gated_bytes += staged.len();
+        match (committed, self.gates.back_mut()) {
+            (Some(committed), _) => {
+                let gate: Gate =
+                    Box::pin(async move { committed.await.map(|_| ()).map_err(|e| e.to_string()) });
+                self.gates.push_back((gate, staged));
+            }
+            (None, Some((_, behind))) => behind.extend_from_slice(&staged),
+            // Staged only behind a gate or for a commit, so one of them exists; if not, there
+            // is nothing to wait for.
+            (None, None) => {
+                self.gated_bytes -= staged.len();
+                self.out.extend_from_slice(&staged);
+            }
         }
     }
 
     fn encode(&mut self, packet: Packet) {
-        // Outgoing packets are bounded by what the broker accepted, so this cannot fail for a
-        // size; if it did, dropping the packet is all there is to do.
-        if let Err(e) = packet.write(&mut self.out, usize::MAX) {
-            log::error!(target: LOG, "{}: encoding {}: {e}", self.peer, packet_name(&packet));
+        encode_into(&mut self.out, packet, self.peer);
+    }
+
+    /// Encodes an outbound PUBLISH or PUBREL: for the socket, or — if it must wait until this
+    /// turn's ops are durable (`durable`), or packets before it wait — staged behind them.
+    fn emit(&mut self, packet: Packet, durable: bool) {
+        if durable || !self.staged.is_empty() || !self.gates.is_empty() {
+            encode_into(&mut self.staged, packet, self.peer);
+        } else {
+            self.encode(packet);
         }
     }
 
@@ -831,6 +952,8 @@ impl Conn {
 enum Event {
     Mail(Option<ToConn>),
     Answer(Result<(), RouteError>),
+    /// The commit at the front of `gates` is durable (or failed).
+    Stored(Result<(), String>),
     Written(std::io::Result<usize>),
     Read(std::io::Result<bool>),
     KeepAlive,
@@ -844,22 +967,65 @@ async fn next_answer(answers: &mut VecDeque<(Answer, Vec<Ack>)>) -> Result<(), R
     }
 }
 
-/// Reads what the socket has into `input`; `Ok(false)` at its end.
-async fn read_into(reader: &mut OwnedReadHalf, input: &mut BytesMut) -> std::io::Result<bool> {
-    input.reserve(READ_CHUNK);
-    Ok(reader.read_buf(input).await? > 0)
+async fn next_gate(gates: &mut VecDeque<(Gate, BytesMut)>) -> Result<(), String> {
+    match gates.front_mut() {
+        Some((gate, _)) => gate.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
-/// The router's answer to a request the connection waited for: done, or why the connection ends.
-fn router_done(
-    answer: Result<Result<(), RouteError>, actix::MailboxError>,
-    what: &str,
-) -> Result<(), End> {
-    match answer {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(End::Abnormal(format!("{what} failed: {e}"))),
-        Err(e) => Err(End::Abnormal(format!("{what} failed: {e}"))),
+/// Reads at most [`READ_CHUNK`] bytes of what the socket has into `input`; `Ok(false)` at its
+/// end. Bounded, so one read never takes more than the flow control can hold.
+async fn read_into(reader: &mut OwnedReadHalf, input: &mut BytesMut) -> std::io::Result<bool> {
+    input.reserve(READ_CHUNK);
+    Ok(reader
+        .read_buf(&mut (&mut *input).limit(READ_CHUNK))
+        .await?
+        > 0)
+}
+
+fn encode_into(buf: &mut BytesMut, packet: Packet, peer: SocketAddr) {
+    // Outgoing packets are bounded by what the broker accepted, so this cannot fail for a
+    // size; if it did, dropping the packet is all there is to do.
+    if let Err(e) = packet.write(buf, usize::MAX) {
+        log::error!(target: LOG, "{peer}: encoding {}: {e}", packet_name(&packet));
     }
+}
+
+/// SUBSCRIBE, checked: at least one filter (MQTT-3.8.3-3), each one valid.
+fn subscribe_request(subscribe: rumqttc::mqttbytes::v4::Subscribe) -> Result<Request, String> {
+    if subscribe.filters.is_empty() {
+        return Err("SUBSCRIBE without a filter".into());
+    }
+    let mut filters = Vec::with_capacity(subscribe.filters.len());
+    for f in subscribe.filters {
+        let filter =
+            TopicFilter::parse(&f.path).map_err(|e| format!("SUBSCRIBE to `{}`: {e}", f.path))?;
+        filters.push((filter, f.qos as Qos));
+    }
+    Ok(Request::Subscribe {
+        pkid: subscribe.pkid,
+        filters,
+    })
+}
+
+/// UNSUBSCRIBE, checked: at least one filter (MQTT-3.10.3-2), each one valid.
+fn unsubscribe_request(
+    unsubscribe: rumqttc::mqttbytes::v4::Unsubscribe,
+) -> Result<Request, String> {
+    if unsubscribe.topics.is_empty() {
+        return Err("UNSUBSCRIBE without a filter".into());
+    }
+    let mut filters = Vec::with_capacity(unsubscribe.topics.len());
+    for topic in unsubscribe.topics {
+        let filter =
+            TopicFilter::parse(&topic).map_err(|e| format!("UNSUBSCRIBE from `{topic}`: {e}"))?;
+        filters.push(filter);
+    }
+    Ok(Request::Unsubscribe {
+        pkid: unsubscribe.pkid,
+        filters,
+    })
 }
 
 fn violation(reason: String) -> End {

@@ -4,10 +4,11 @@
 //! The channel is unbounded on purpose — the router must never block or drop — and bounded in
 //! practice by the [`Backlog`]: each delivery counts until the connection has encoded it for its
 //! socket. When a subscriber's backlog passes [`HIGH_WATER`], the router holds back the reply to
-//! the publishers whose messages went there; a publisher's connection stops reading its socket
-//! while its replies are held (TCP then pushes back on the client). The subscriber wakes them
-//! when it is down to [`LOW_WATER`]. So the memory a slow subscriber costs is about
-//! `HIGH_WATER` plus what the publishers had in flight, never what they would like to send.
+//! the publishers whose messages went there; a publisher's connection holds its further
+//! requests while its replies are held, and stops reading its socket once it holds a few hundred
+//! KiB of them (TCP then pushes back on the client). The subscriber wakes them when it is down to
+//! [`LOW_WATER`]. So the memory a slow subscriber costs is about `HIGH_WATER` plus what the
+//! publishers had in flight, never what they would like to send.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

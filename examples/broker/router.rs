@@ -11,7 +11,8 @@
 //! **Acknowledging publishers.** [`Route`] answers once the publications are durable for every
 //! persistent session that gets them (the store's group commit), and once no connected subscriber
 //! they went to is above its high-water mark (see [`crate::outbox`]): the publisher's connection
-//! sends PUBACK / PUBREC only then, and stops reading its socket while answers are outstanding.
+//! sends PUBACK / PUBREC only then, and holds its further requests while answers are outstanding
+//! (see [`crate::connection`]).
 //!
 //! **Takeover.** A CONNECT for a client id that is connected closes the old connection first
 //! ([`ToConn::TakenOver`]); the new one is answered when the old one has reported
@@ -305,8 +306,8 @@ impl Router {
                 ops.push(op);
             }
             for outbox in full {
-                // Never hold a publisher on its own backlog: it would stop reading the very
-                // acknowledgements that shrink it.
+                // Never hold a publisher on its own backlog: its connection would hold the very
+                // requests behind which it might stop reading the acknowledgements that shrink it.
                 if outbox.conn != from_conn && !congested.iter().any(|o| o.conn == outbox.conn) {
                     congested.push(outbox);
                 }

@@ -26,8 +26,8 @@
 //! for it as [`Rejection::Full`], naming the full sessions; the [`Store`] then queues the message
 //! for everyone else and leaves those sessions out (counted in [`StoreStats::dropped_full`],
 //! WARN). The cap is for *offline* sessions: a connected one ([`StoreClient::set_online`]) has
-//! none, because the broker bounds its queue by flow control instead (it stops reading the
-//! publishers' sockets), and an entry it was handed must stay until acknowledged.
+//! none, because the broker bounds its queue by flow control instead (it holds the publishers'
+//! answers, and so their sockets), and an entry it was handed must stay until acknowledged.
 //!
 //! **File format** (`<data dir>/store.log`, all integers little-endian):
 //!
@@ -769,8 +769,8 @@ impl State {
     }
 
     /// [`admit`](Self::admit) with a cap per session: `cap(client)` entries. The broker gives a
-    /// connected session no cap: its queue is bounded by flow control (the broker stops reading
-    /// publishers), and what it was sent must stay queued until it is acknowledged.
+    /// connected session no cap: its queue is bounded by flow control (the broker holds the
+    /// publishers back), and what it was sent must stay queued until it is acknowledged.
     pub fn admit_with(&self, op: Op, cap: &dyn Fn(&str) -> usize) -> Result<Admitted, Rejection> {
         self.check(&op).map_err(Rejection::Invalid)?;
         match op {
