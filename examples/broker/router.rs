@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use crate::outbox::{ConnId, Deliver, Outbox, ToConn};
 use crate::store::{Delivery, Message, MsgId, Op, PacketId, Qos, State, StoreClient, StoreError};
-use crate::topic::{Subscriptions, TopicFilter, TopicName};
+use crate::topic::{self, Subscriptions, TopicFilter, TopicName};
 
 const LOG: &str = "broker::router";
 
@@ -408,10 +408,8 @@ impl Router {
                 });
             }
             // MQTT-3.3.1-6: the retained messages matching a new subscription go to it.
-            for (name, msg) in &self.retained {
-                if filter.matches(name) {
-                    retained.push((msg.clone(), qos.min(msg.qos)));
-                }
+            for (_, msg) in topic::matching(&self.retained, &filter) {
+                retained.push((msg.clone(), qos.min(msg.qos)));
             }
         }
         if let Some(online) = self.online.get(&client) {

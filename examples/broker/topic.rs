@@ -45,9 +45,11 @@
 //! [`Subscriptions::route`] yields each client at most once, with the maximum granted QoS of its
 //! matching subscriptions (the broker then caps it by the publication's own QoS).
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::Hash;
+use std::ops::Bound;
 
 /// The longest MQTT string: its length prefix is a `u16`.
 pub const MAX_TOPIC_LEN: usize = 65_535;
@@ -183,10 +185,30 @@ impl TopicName {
     }
 }
 
+// Ordered and hashed as its text, so maps keyed by names can be searched by `&str` ranges.
+impl Borrow<str> for TopicName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for TopicName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// The entries of `map` whose topic names match `filter`, looking only at the names that start
+/// with its literal prefix (a retained message per topic can be many: a SUBSCRIBE to `a/b/+`
+/// should not read those under `x/`).
+pub fn matching<'a, V>(
+    map: &'a BTreeMap<TopicName, V>,
+    filter: &'a TopicFilter,
+) -> impl Iterator<Item = (&'a TopicName, &'a V)> + 'a {
+    let prefix = filter.literal_prefix();
+    map.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+        .take_while(move |(name, _)| name.as_str().starts_with(prefix))
+        .filter(move |(name, _)| filter.matches(name))
 }
 
 /// A valid topic filter: what a client subscribes to.
@@ -232,6 +254,19 @@ impl TopicFilter {
     /// The levels, split at `/` (empty levels included).
     pub fn levels(&self) -> impl Iterator<Item = &str> {
         self.0.split('/')
+    }
+
+    /// The text every matching topic name starts with: the levels before the first wildcard
+    /// (`a/b` for `a/b/+/c` and for `a/b/#` — which matches `a/b` itself; empty for `+/x`).
+    pub fn literal_prefix(&self) -> &str {
+        let end = self
+            .0
+            .split('/')
+            .take_while(|level| !matches!(*level, "+" | "#"))
+            .map(|level| level.len() + 1)
+            .sum::<usize>();
+        // The `/` after the last literal level, if any, is not part of every match.
+        &self.0[..end.saturating_sub(1).min(self.0.len())]
     }
 
     /// Whether a message published to `name` matches this filter (§4.7.1, §4.7.2).
@@ -477,7 +512,6 @@ mod tests {
         assert!(TopicFilter::parse(&ok).is_ok());
     }
     use proptest::prelude::*;
-    use std::collections::BTreeMap;
 
     fn name(s: &str) -> TopicName {
         TopicName::parse(s).unwrap()
@@ -649,6 +683,22 @@ mod tests {
     }
 
     #[test]
+    fn literal_prefixes() {
+        for (f, prefix) in [
+            ("a/b/+/c", "a/b"),
+            ("a/b/#", "a/b"),
+            ("a/b", "a/b"),
+            ("+/x", ""),
+            ("#", ""),
+            ("/+", ""),
+            ("a//+", "a/"),
+            ("$SYS/#", "$SYS"),
+        ] {
+            assert_eq!(filter(f).literal_prefix(), prefix, "filter {f}");
+        }
+    }
+
+    #[test]
     fn overlapping_subscriptions_are_delivered_once_at_the_maximum_qos() {
         let mut subs = Subscriptions::new();
         assert_eq!(subs.subscribe("c1", &filter("sport/#"), 0), None);
@@ -788,6 +838,18 @@ mod tests {
             }
             prop_assert!(subs.root.is_empty());
             prop_assert_eq!(subs.clients(), 0);
+        }
+
+        /// `matching` finds exactly what a scan of every name with `matches` finds.
+        #[test]
+        fn matching_equals_a_full_scan(
+            names in prop::collection::vec(topic_name(), 0..20),
+            f in topic_filter(),
+        ) {
+            let map: BTreeMap<TopicName, ()> = names.into_iter().map(|n| (n, ())).collect();
+            let found: Vec<&TopicName> = matching(&map, &f).map(|(n, _)| n).collect();
+            let scanned: Vec<&TopicName> = map.keys().filter(|n| f.matches(n)).collect();
+            prop_assert_eq!(found, scanned, "filter {}", f);
         }
 
         /// `parse` never panics, and accepts exactly the strings it should.
