@@ -907,14 +907,6 @@ async fn subscriber(
     r
 }
 
-fn percentile(sorted: &[u64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[i] as f64
-}
-
 /// Runs one client's set-up (connect, subscribe) within [`SETUP_TIMEOUT`]; the error names the
 /// client and what it was waiting for.
 async fn set_up<T>(
@@ -1105,8 +1097,9 @@ async fn load(
     }
     latencies.sort_unstable();
     sample.rate = in_window as f64 / settings.window.as_secs_f64();
-    sample.p50_us = percentile(&latencies, 0.50) / 1000.0;
-    sample.p99_us = percentile(&latencies, 0.99) / 1000.0;
+    let micros = |q| common::percentile(&latencies, q).map_or(f64::NAN, |ns| ns as f64 / 1e3);
+    sample.p50_us = micros(0.50);
+    sample.p99_us = micros(0.99);
     for e in pub_results
         .iter()
         .filter_map(|p| p.error.clone())

@@ -26,6 +26,8 @@
 //! Rounds alternate between the two in blocks, `ROUNDS` (10,000) of each after a warm-up;
 //! `BENCH_ROUNDS=N` changes the count. Both run on the System's arbiter.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,8 +88,7 @@ impl Handler<Ping> for Bare {
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
+    common::percentile(sorted, p).unwrap_or_default()
 }
 
 fn micros(d: Duration) -> f64 {

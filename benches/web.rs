@@ -683,11 +683,7 @@ fn parse_head(head: &[u8]) -> Option<(u16, usize)> {
 
 /// The `q` quantile of sorted nanoseconds, in microseconds.
 fn percentile(sorted: &[u64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i] as f64 / 1e3
+    common::percentile(sorted, q).map_or(f64::NAN, |ns| ns as f64 / 1e3)
 }
 
 // ----- reporting ------------------------------------------------------------------------------
