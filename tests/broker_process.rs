@@ -309,6 +309,64 @@ fn malformed_second_connect_closes_only_that_connection() {
     observer.round_trip("after a second CONNECT");
 }
 
+/// Reserved bits set wrong make a packet malformed (MQTT-2.2.2-2 and the rules of each packet):
+/// each of these closes its connection, and only that one. (mosquitto 2.0.11 lets a PINGREQ
+/// with flags 0001 through.)
+#[test]
+fn malformed_reserved_bits_close_only_that_connection() {
+    let data = DataDir::new("malformed_bits");
+    let broker = Broker::start(&data);
+    let mut observer = Observer::new(broker.addr, "bits");
+    let with_flags = |packet: &Packet, flags: u8| {
+        let mut bytes = encode(packet).to_vec();
+        bytes[0] = (bytes[0] & 0xF0) | flags;
+        bytes
+    };
+    // After CONNECT.
+    let subscribe = Packet::Subscribe(rumqttc::mqttbytes::v4::Subscribe::new(
+        "bits/x",
+        QoS::AtMostOnce,
+    ));
+    let mut subscribe_qos_bits = encode(&subscribe).to_vec();
+    *subscribe_qos_bits.last_mut().unwrap() |= 0b1000_0000;
+    let after_connect = [
+        ("SUBSCRIBE with flags 0000", with_flags(&subscribe, 0)),
+        (
+            "PUBREL with flags 0000",
+            with_flags(&Packet::PubRel(PubRel::new(1)), 0),
+        ),
+        ("PINGREQ with flags 0001", with_flags(&Packet::PingReq, 1)),
+        ("PUBLISH with QoS 3", vec![0x36, 5, 0, 1, b't', 0, 1]),
+        ("SUBSCRIBE with reserved QoS bits", subscribe_qos_bits),
+    ];
+    for (what, bytes) in after_connect {
+        let (mut bad, _) = Raw::connect(broker.addr, "bits-bad", true);
+        let peer = bad.local();
+        let _ = bad.try_send_bytes(&bytes);
+        assert_closed(&broker, &mut bad, peer, what, true);
+        observer.round_trip(&format!("after {what}"));
+    }
+    // In CONNECT: the connect flags are after the fixed header (2 bytes here), "MQTT" with its
+    // length (6) and the level (1).
+    let connect = encode(&Packet::Connect(Connect::new("bits-bad"))).to_vec();
+    let mut reserved = connect.clone();
+    reserved[9] |= 0b0000_0001;
+    let mut login = Connect::new("bits-bad");
+    login.login = Some(rumqttc::mqttbytes::v4::Login::new("user", "secret"));
+    let mut password_only = encode(&Packet::Connect(login)).to_vec();
+    password_only[9] &= !0b1000_0000;
+    for (what, bytes) in [
+        ("CONNECT with its reserved flag", reserved),
+        ("CONNECT with a password and no user name", password_only),
+    ] {
+        let mut bad = Raw::tcp(broker.addr);
+        let peer = bad.local();
+        let _ = bad.try_send_bytes(&bytes);
+        assert_closed(&broker, &mut bad, peer, what, true);
+        observer.round_trip(&format!("after {what}"));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The command line (ours)
 // ---------------------------------------------------------------------------------------------

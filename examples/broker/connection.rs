@@ -37,8 +37,8 @@
 //! waits for the acknowledgements in flight, and closes by the deadline whatever happens, so a
 //! client that does not read cannot hold the shutdown up.
 //!
-//! **Violations** (malformed packets, a second CONNECT, a packet a server never receives, a
-//! wildcard in a PUBLISH topic…) are logged with the peer's address and close this connection,
+//! **Violations** (malformed packets, reserved bits set wrong — see [`crate::wire`] — a second
+//! CONNECT, a packet a server never receives, a wildcard in a PUBLISH topic…) are logged with the peer's address and close this connection,
 //! publishing its will (MQTT-4.8.0-1); nobody else notices.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -68,6 +68,7 @@ use crate::router::{
 };
 use crate::store::{Op, PacketId, Qos, StoreClient};
 use crate::topic::{TopicFilter, TopicName};
+use crate::wire;
 
 const LOG: &str = "broker::connection";
 
@@ -290,8 +291,10 @@ impl Conn {
     /// CONNACK code (the connection ends, no will).
     async fn handshake(&mut self) -> Result<bool, End> {
         let until = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let max = self.shared.limits.max_packet_size;
         let connect = loop {
-            match Packet::read(&mut self.input, self.shared.limits.max_packet_size) {
+            wire::check_next(&self.input, max).map_err(violation)?;
+            match Packet::read(&mut self.input, max) {
                 Ok(Packet::Connect(connect)) => break connect,
                 Ok(other) => {
                     return Err(violation(format!("{} before CONNECT", packet_name(&other))))
@@ -339,8 +342,8 @@ impl Conn {
                 self.refuse(ConnectReturnCode::BadClientId).await;
                 return Ok(false);
             }
-            // MQTT-3.1.3-6: the server assigns one, unique for this process.
-            self.client = format!("auto-{}-{}", std::process::id(), self.id);
+            // MQTT-3.1.3-6: the server assigns one, unique and unguessable.
+            self.client = wire::random_client_id();
         }
         if let Some(will) = connect.last_will {
             let topic = TopicName::parse(&will.topic)
@@ -562,6 +565,9 @@ impl Conn {
     fn on_input(&mut self) -> Option<End> {
         let max = self.shared.limits.max_packet_size;
         let end = loop {
+            if let Err(reason) = wire::check_next(&self.input, max) {
+                break Some(violation(reason));
+            }
             let before = self.input.len();
             let packet = match Packet::read(&mut self.input, max) {
                 Ok(packet) => packet,

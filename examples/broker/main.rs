@@ -37,6 +37,7 @@ mod sessions;
 mod store;
 #[allow(dead_code)]
 mod topic;
+mod wire;
 
 use std::sync::Arc;
 
