@@ -143,6 +143,15 @@ pub trait BlockingWorker: Send + 'static {
     /// Called once the mailbox is empty (and, in a shutdown, closed), before the acknowledgement:
     /// flush, `fsync`, close.
     fn on_drained(&mut self) {}
+
+    /// Asked after every message: `Some(reason)` ends this instance as failed — a worker that
+    /// finds it cannot go on (its disk failed) says so here rather than panicking. The end is
+    /// handled like a panic's: recorded as [`Outcome::Failed`](crate::Outcome::Failed) with the
+    /// reason, the child restarted by its policy while the tree runs, and the messages queued
+    /// behind it kept for the next instance.
+    fn failed(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// Makes a fresh blocking worker for every start; called on the worker's thread.
@@ -422,6 +431,8 @@ struct Instance<W: BlockingWorker> {
 enum End {
     /// A user call panicked (the message).
     Panicked(String),
+    /// The worker said it failed (the reason).
+    Failed(String),
     /// The instance was aborted or replaced: end without a word.
     Stale,
 }
@@ -454,6 +465,10 @@ impl<W: BlockingWorker> Instance<W> {
             Some(End::Panicked(msg)) => {
                 log::info!(target: LOG, "{name}: instance {} panicked; its thread ends", self.gen);
                 self.exit(Exit::Panicked(msg));
+            }
+            Some(End::Failed(reason)) => {
+                log::info!(target: LOG, "{name}: instance {} failed; its thread ends", self.gen);
+                self.exit(Exit::Failed(reason));
             }
             Some(End::Stale) => {
                 log::info!(
@@ -558,7 +573,10 @@ impl<W: BlockingWorker> Instance<W> {
         if let Some(reply) = reply {
             let _ = reply.send(out);
         }
-        Ok(())
+        match guard(|| worker.failed())? {
+            Some(reason) => Err(End::Failed(reason)),
+            None => Ok(()),
+        }
     }
 
     /// Reports how the instance ended without acknowledging, unless it is stale.

@@ -20,9 +20,22 @@ pub struct Stopping {
     /// The instant by which this child must have acknowledged; after it the child is aborted.
     /// It is the earlier of the child's own budget and its parent's deadline.
     pub deadline: Instant,
+    pub(crate) restarting: bool,
 }
 
 impl Stopping {
+    /// True when the child is stopped to be started again — a restart of it, or of its siblings
+    /// with it (one-for-all, rest-for-one) — and false when the stop is final: the tree shuts
+    /// down, or a supervisor gives up. It says what was planned when the order was made: if the
+    /// restart turns into a give-up (the intensity is exceeded meanwhile), children told
+    /// before keep the order they got.
+    ///
+    /// A worker may shorten its drain on a restart: nothing is going away for good, and whoever
+    /// waits for it (its clients, its dependents) waits for the restart to end.
+    pub fn restarting(&self) -> bool {
+        self.restarting
+    }
+
     /// Time left until the deadline (zero once it has passed).
     pub fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())

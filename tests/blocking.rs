@@ -92,6 +92,8 @@ struct Acc {
     instance: u32,
     sum: u64,
     ctl: Ctl,
+    /// Said by `failed` after the message that set it.
+    failing: Option<String>,
 }
 
 enum Msg {
@@ -103,6 +105,8 @@ enum Msg {
         release: std::sync::mpsc::Receiver<()>,
     },
     Panic(&'static str),
+    /// Handled, then the worker says it failed, with this reason.
+    Fail(&'static str),
     /// Records the thread the handler runs on.
     Where,
 }
@@ -130,6 +134,7 @@ impl BlockingWorker for Acc {
                 let _ = release.recv_timeout(Duration::from_secs(30));
             }
             Msg::Panic(msg) => panic!("{msg}"),
+            Msg::Fail(reason) => self.failing = Some(reason.to_owned()),
             Msg::Where => self.ctl.places.lock().push(here("handle")),
         }
         self.sum
@@ -146,6 +151,10 @@ impl BlockingWorker for Acc {
         if let Some(go) = &self.ctl.go {
             let _ = go.lock().recv_timeout(Duration::from_secs(30));
         }
+    }
+
+    fn failed(&mut self) -> Option<String> {
+        self.failing.take()
     }
 
     fn on_drained(&mut self) {
@@ -172,6 +181,7 @@ fn acc(ctl: &Ctl) -> BlockingSpec<Acc> {
             instance: ctl.instances.fetch_add(1, Ordering::SeqCst) + 1,
             sum: 0,
             ctl: ctl.clone(),
+            failing: None,
         }
     })
 }
@@ -641,6 +651,47 @@ async fn a_panic_while_running_restarts_it_on_a_new_thread_and_loses_only_that_m
     assert_eq!(entry.dropped, 1, "only the failing message: {report}");
     let failure = entry.last_failure.as_deref().unwrap_or_default();
     assert!(failure.contains("bad record"), "{failure}");
+}
+
+/// A worker that says it failed (rather than panicking) ends like a panic's instance: restarted
+/// with the reason recorded — but the message it had handled is answered, not lost.
+#[actix::test]
+async fn a_worker_that_says_it_failed_is_restarted_and_keeps_what_queued_behind() {
+    init_log();
+    let ctl = Ctl::new("failing");
+    let spec = acc(&ctl);
+    let addr = spec.addr();
+    let handle = Tree::builder("failed")
+        .child(spec)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let release = block(&addr).await;
+    let mut last = Box::pin(addr.send(Msg::Fail("the disk is gone")));
+    poll_once(&mut last);
+    for n in 1..=3 {
+        addr.do_send(Msg::Add(n))
+            .unwrap_or_else(|_| panic!("accepted"));
+    }
+    release.send(()).unwrap();
+    assert_eq!(
+        within(last).await,
+        Ok(0),
+        "the failing instance's last reply"
+    );
+    assert_eq!(within(addr.send(Msg::Add(10))).await.unwrap(), 16);
+    let mut expected = vec![E::Started(1), E::Started(2)];
+    expected.extend([1, 2, 3, 10].map(|n| E::Handled(2, n)));
+    assert_eq!(ctl.events(), expected);
+
+    let report = handle.shutdown("test").await;
+    let entry = report.find("failing").unwrap();
+    assert_eq!(entry.restarts, 1, "{report}");
+    assert_eq!(entry.dropped, 0, "{report}");
+    let failure = entry.last_failure.as_deref().unwrap_or_default();
+    assert!(failure.contains("the disk is gone"), "{failure}");
 }
 
 #[actix::test]

@@ -46,8 +46,8 @@ enum E {
 #[derive(Default)]
 struct RecInner {
     events: Mutex<Vec<(Instant, E)>>,
-    /// The reason each `Stopping` carried: (path, instance, reason).
-    reasons: Mutex<Vec<(String, u32, String)>>,
+    /// What each `Stopping` carried: (path, instance, reason, restarting).
+    reasons: Mutex<Vec<(String, u32, String, bool)>>,
     notify: tokio::sync::Notify,
 }
 
@@ -108,8 +108,18 @@ impl Rec {
             .reasons
             .lock()
             .iter()
-            .find(|(p, i, _)| p == path && *i == inst)
-            .map(|(_, _, r)| r.clone())
+            .find(|(p, i, _, _)| p == path && *i == inst)
+            .map(|(_, _, r, _)| r.clone())
+    }
+
+    /// Whether the `Stopping` instance `inst` of `path` got said a restart would follow.
+    fn restarting(&self, path: &str, inst: u32) -> Option<bool> {
+        self.0
+            .reasons
+            .lock()
+            .iter()
+            .find(|(p, i, _, _)| p == path && *i == inst)
+            .map(|(_, _, _, r)| *r)
     }
 
     /// Waits until `pred` holds over the events, or `limit` passes.
@@ -216,11 +226,12 @@ impl Actor for Sub {
 
 impl Worker for Sub {
     fn on_stopping(&mut self, _: &mut Context<Self>, stopping: &Stopping) {
-        self.rec
-            .0
-            .reasons
-            .lock()
-            .push((self.path.clone(), self.inst, stopping.reason.to_string()));
+        self.rec.0.reasons.lock().push((
+            self.path.clone(),
+            self.inst,
+            stopping.reason.to_string(),
+            stopping.restarting(),
+        ));
         self.rec.push(E::Stopping(self.path.clone(), self.inst));
         if hits(self.faults.stopping_in, self.inst) {
             panic!(
@@ -1312,8 +1323,15 @@ async fn panics_in_stop_hooks_during_a_restart_are_recorded_and_the_restart_happ
     }
     assert!(rec.has(&E::Stopping("s/b".into(), 1)));
     assert!(rec.has(&E::Stopping("s/c".into(), 1)));
+    // Told that a restart follows (a itself panicked: it was never told).
+    assert_eq!(rec.restarting("s/b", 1), Some(true));
+    assert_eq!(rec.restarting("s/c", 1), Some(true));
 
     let report = handle.shutdown("test").await;
+    // The shutdown is final: the second instances are told so.
+    for n in ["a", "b", "c"] {
+        assert_eq!(rec.restarting(&format!("s/{n}"), 2), Some(false), "{n}");
+    }
     for n in ["a", "b", "c"] {
         let r = entry(&report, &format!("s/{n}"));
         assert_eq!(r.restarts, 1, "{n}: {report}");

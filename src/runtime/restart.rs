@@ -187,7 +187,7 @@ impl Runtime {
             roots: Vec::new(),
             pending: 0,
             then: Then::Restart,
-            orders: Orders::new(reason),
+            orders: Orders::restart(reason),
             delay,
             start_at: None,
         });

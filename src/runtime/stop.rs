@@ -31,14 +31,26 @@ pub(super) enum Order {
 /// one order (one allocation for 100,000 workers).
 pub(super) struct Orders {
     reason: Arc<str>,
+    /// The orders are for a restart (see [`Stopping::restarting`]).
+    restarting: bool,
     last: Option<Arc<Stopping>>,
 }
 
 impl Orders {
+    /// Orders for a final stop.
     pub(super) fn new(reason: &str) -> Self {
         Orders {
             reason: reason.into(),
+            restarting: false,
             last: None,
+        }
+    }
+
+    /// Orders for a stop that a restart follows.
+    pub(super) fn restart(reason: &str) -> Self {
+        Orders {
+            restarting: true,
+            ..Orders::new(reason)
         }
     }
 
@@ -53,6 +65,7 @@ impl Orders {
                 let o = Arc::new(Stopping {
                     reason: self.reason.clone(),
                     deadline,
+                    restarting: self.restarting,
                 });
                 self.last = Some(o.clone());
                 o
