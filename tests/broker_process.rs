@@ -368,6 +368,83 @@ fn malformed_reserved_bits_close_only_that_connection() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// --max-queued (ours)
+// ---------------------------------------------------------------------------------------------
+
+/// An offline persistent session full of QoS 1 messages never loses one that was acknowledged:
+/// the broker refuses the next publication for it (no PUBACK, the publisher's connection closed)
+/// instead of dropping it, and the session gets every acknowledged message when it comes back;
+/// then publishing works again.
+#[test]
+fn a_full_offline_session_refuses_publishers_and_loses_nothing_acknowledged() {
+    const CAP: u64 = 5;
+    let data = DataDir::new("max_queued");
+    let mut broker = Broker::ours(&data, &["--max-queued", &CAP.to_string()]);
+    let (mut sub, _) = Raw::connect(broker.addr, "capped-sub", false);
+    sub.sub(&[("capped/#", QoS::AtLeastOnce)]);
+    sub.send(Packet::Disconnect);
+    sub.closed_within(CLOSE_WITHIN)
+        .expect("the broker closes the connection after DISCONNECT");
+
+    // One at a time, each waiting for its PUBACK, until the broker refuses.
+    let mut publisher = Raw::clean(broker.addr, "capped-pub");
+    let mut acked = BTreeSet::new();
+    let refused_at = loop {
+        let seq = acked.len() as u64;
+        assert!(
+            seq <= 2 * CAP,
+            "{seq} PUBACKs for a session capped at {CAP}"
+        );
+        publisher.send(publish(
+            "capped/t",
+            QoS::AtLeastOnce,
+            seq as u16 + 1,
+            payload(seq, 8),
+        ));
+        match publisher.next(REPLY_WITHIN) {
+            Next::Packet(Packet::PubAck(ack)) => {
+                assert_eq!(ack.pkid, seq as u16 + 1);
+                acked.insert(seq);
+            }
+            Next::Closed => break seq,
+            other => panic!("after PUBLISH {seq}: {other:?}"),
+        }
+    };
+    // The cap, and the one that filled it while on its way (the store queues it over the cap).
+    assert_eq!(refused_at, CAP + 1, "acknowledged: {acked:?}");
+    let out = broker.lines.all(Duration::from_millis(200));
+    assert!(
+        out.contains("capped-sub") && out.contains("--max-queued"),
+        "no WARN names the full session:\n{out}"
+    );
+    // Refused again after reconnecting, while the session is away.
+    let mut again = Raw::clean(broker.addr, "capped-pub");
+    again.send(publish(
+        "capped/t",
+        QoS::AtLeastOnce,
+        1,
+        payload(refused_at, 8),
+    ));
+    assert!(matches!(again.next(REPLY_WITHIN), Next::Closed));
+
+    let (mut sub, present) = Raw::connect(broker.addr, "capped-sub", false);
+    assert!(present);
+    let mut got = BTreeSet::new();
+    while got.len() < acked.len() {
+        let p = sub.recv_publish();
+        sub.ack(&p);
+        got.insert(seq_of(&p));
+    }
+    assert_eq!(got, acked, "every acknowledged message, once");
+    // Connected, the session takes messages again.
+    let mut publisher = Raw::clean(broker.addr, "capped-pub");
+    publisher.send(publish("capped/t", QoS::AtLeastOnce, 1, payload(100, 8)));
+    assert!(matches!(publisher.recv("PUBACK"), Packet::PubAck(_)));
+    assert_eq!(seq_of(&sub.recv_publish()), 100);
+    broker.stop(CLOSE_WITHIN);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The command line (ours)
 // ---------------------------------------------------------------------------------------------
 

@@ -42,7 +42,9 @@ pub struct Args {
     pub max_inflight: u64,
 
     /// Messages queued for an offline persistent session, at most: when full, its oldest QoS 0
-    /// messages go first; a QoS 1/2 message that finds no room is not queued for it (logged).
+    /// messages go first; once it is full of QoS 1/2 messages, QoS 1/2 publications for it are
+    /// refused — not acknowledged, the publisher's connection closed (logged) — until it
+    /// connects.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queued: u64,
 }

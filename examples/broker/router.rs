@@ -290,16 +290,37 @@ impl Router {
     }
 
     /// Routes publications; returns what to wait for before they may be acknowledged.
-    fn route(&mut self, from: &str, publications: Vec<Publication>) -> Answer<()> {
+    /// `from_client`: a client's PUBLISH packets, refused (from the first one on) when a QoS ≥ 1
+    /// publication would go to an offline session over its cap; a will is never refused.
+    fn route(
+        &mut self,
+        from: &str,
+        publications: Vec<Publication>,
+        from_client: bool,
+    ) -> Answer<()> {
         let from_conn = self.online.get(from).map(|o| o.conn);
         let from_conn = from_conn.unwrap_or(ConnId::MAX);
         let mut ops = Vec::new();
         let mut must_wait = false;
         let mut congested: Vec<Outbox> = Vec::new();
         let from_persistent = self.persistent.contains(from);
+        let mut refused = None;
         for publication in publications {
             let qos = publication.qos;
             let pkid = publication.pkid;
+            if from_client {
+                if let Some(client) = self.over_cap_recipient(&publication) {
+                    let reason = format!(
+                        "PUBLISH to `{}` refused: session `{client}` is offline with --max-queued \
+                         QoS 1/2 messages queued",
+                        publication.topic.as_str()
+                    );
+                    log::warn!(target: LOG, "client `{from}`: {reason}");
+                    refused = Some(reason);
+                    // Not this one, nor those behind it: none is acknowledged.
+                    break;
+                }
+            }
             let (op, full) = self.route_one(publication);
             if let Some(op) = op {
                 must_wait |= qos > 0;
@@ -330,11 +351,31 @@ impl Router {
                     check_commit(committed.await)?;
                 }
             }
+            if let Some(reason) = refused {
+                return Err(reason);
+            }
             for outbox in congested {
                 outbox.backlog.below_low_water().await;
             }
             Ok(())
         }))
+    }
+
+    /// An offline persistent session over its cap that would get `publication` at QoS ≥ 1.
+    fn over_cap_recipient(&self, publication: &Publication) -> Option<String> {
+        if publication.qos == 0 || !self.store.any_over_cap() {
+            return None;
+        }
+        self.subscriptions
+            .route(&publication.topic)
+            .into_iter()
+            .filter(|(_, granted)| *granted > 0)
+            .map(|(client, _)| client)
+            .find(|client| {
+                !self.online.contains_key(client)
+                    && self.persistent.contains(client)
+                    && self.store.over_cap(client)
+            })
     }
 
     /// Hands one publication to its connected subscribers; returns the store op it needs (if
@@ -484,6 +525,7 @@ impl Router {
                     retain: will.retain,
                     pkid: 0,
                 }],
+                false,
             );
             // Nobody to acknowledge; the work is tracked so the drain waits for it.
             actix::spawn(async move {
@@ -637,7 +679,7 @@ impl Handler<Route> for Router {
     type Result = ();
 
     fn handle(&mut self, route: Route, _: &mut Context<Self>) {
-        let answer = self.route(&route.from, route.publications);
+        let answer = self.route(&route.from, route.publications, true);
         let reply = route.reply;
         actix::spawn(async move {
             let _ = reply.send(answer.await);

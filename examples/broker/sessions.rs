@@ -8,7 +8,8 @@
 //! router (the connection's own end, or its drop guard, does that). The worker's drain waits for
 //! all of them ([`InFlight`]), so the tree tells the router to stop only after the last one.
 //!
-//! **Drain**, within the worker's deadline:
+//! **Drain**, within the worker's deadline (within [`RESTART_DRAIN`] when the router or the
+//! store failed and this worker is stopped to be restarted with them):
 //! 1. every connection stops taking PUBLISH, and answers once what it took is routed — so every
 //!    message a publisher was (or is about to be) acknowledged for has reached the subscribers'
 //!    mailboxes (or the store, for persistent sessions);
@@ -22,7 +23,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_supervisor::{InFlight, Stopping, Worker};
@@ -34,6 +35,9 @@ use crate::connection::{self, Shared};
 use crate::outbox::{ConnId, Outbox, ToConn};
 
 const LOG: &str = "broker::sessions";
+
+/// The most a drain for a restart takes (see [`Sessions::on_stopping`]).
+const RESTART_DRAIN: Duration = Duration::from_secs(2);
 
 /// A socket the listener accepted.
 #[derive(Message)]
@@ -143,9 +147,15 @@ impl Worker for Sessions {
 
     fn on_stopping(&mut self, _: &mut Context<Self>, stopping: &Stopping) {
         self.draining = true;
-        let remaining = stopping.remaining();
         // A quarter of the time to route what was taken; the rest, but a tenth, to deliver and
-        // close; the last tenth is the margin for the closes themselves.
+        // close; the last tenth is the margin for the closes themselves. For a restart (the
+        // router or the store failed) the same steps, but short: nothing goes away for good —
+        // persistent sessions are in the store, clients reconnect — and the broker is half down
+        // until the connections are closed.
+        let mut remaining = stopping.remaining();
+        if stopping.restarting() {
+            remaining = remaining.min(RESTART_DRAIN);
+        }
         let quiesce_by = Instant::now() + remaining / 4;
         let close_by = Instant::now() + remaining.mul_f64(0.9);
         let outboxes: Vec<Outbox> = self
@@ -156,7 +166,12 @@ impl Worker for Sessions {
             .collect();
         log::info!(
             target: LOG,
-            "draining {} connections: no more PUBLISH taken; closing by {:.1?} from now",
+            "{} {} connections: no more PUBLISH taken; closing by {:.1?} from now",
+            if stopping.restarting() {
+                "restart: closing"
+            } else {
+                "draining"
+            },
             outboxes.len(),
             close_by - Instant::now()
         );

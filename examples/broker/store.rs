@@ -23,11 +23,21 @@
 //! (WARN when a session's running count reaches 1, 2, 4, 8, …, so an overloaded session cannot
 //! flood the log; every drop at DEBUG). A queue full of QoS ≥ 1 entries is never trimmed: those
 //! messages were acknowledged to their publishers. [`State::admit`] rejects a new QoS ≥ 1 message
-//! for it as [`Rejection::Full`], naming the full sessions; the [`Store`] then queues the message
-//! for everyone else and leaves those sessions out (counted in [`StoreStats::dropped_full`],
-//! WARN). The cap is for *offline* sessions: a connected one ([`StoreClient::set_online`]) has
-//! none, because the broker bounds its queue by flow control instead (it holds the publishers'
-//! answers, and so their sockets), and an entry it was handed must stay until acknowledged.
+//! for it as [`Rejection::Full`], naming the full sessions; the [`Store`] then queues it over the
+//! cap all the same (it may be acknowledged already) and marks those sessions
+//! ([`StoreStats::over_cap`], WARN), and the router refuses QoS ≥ 1 publications for them from
+//! then on: their publishers are not acknowledged, so nothing acknowledged is ever dropped. The
+//! cap is for *offline* sessions: a connected one ([`StoreClient::set_online`]) has none, because
+//! the broker bounds its queue by flow control instead (it holds the publishers' answers, and so
+//! their sockets), and an entry it was handed must stay until acknowledged.
+//!
+//! **A rejected op** is a broker bug (the ops contradict the state). The request stops there —
+//! what follows may depend on it (the packet id of a QoS 2 message whose publication was
+//! refused) — and the reply names it; the router then does not acknowledge the request, so its
+//! publisher sends it again. **A failed write** poisons the store (memory is ahead of the disk):
+//! every request is refused from then on, and the worker ends as failed
+//! ([`BlockingWorker::failed`]), so the tree restarts it — and the router, which reloads what is
+//! durable, so that its retained messages and sessions never disagree with the disk for longer.
 //!
 //! **File format** (`<data dir>/store.log`, all integers little-endian):
 //!
@@ -1014,8 +1024,9 @@ impl StoreConfig {
     }
 }
 
-/// Counters of what the store did, shared with whoever watches it (and across restarts of the
-/// worker, since the spec's factory hands the same counters to every instance).
+/// Counters of what the store did, and which sessions are over their cap: shared with whoever
+/// watches it (and across restarts of the worker, since the spec's factory hands the same
+/// counters to every instance).
 #[derive(Debug, Default)]
 pub struct StoreStats {
     /// `fsync`s of appended records: one per batch.
@@ -1025,8 +1036,13 @@ pub struct StoreStats {
     pub compactions: AtomicU64,
     /// QoS 0 messages dropped from full queues.
     pub dropped_qos0: AtomicU64,
-    /// QoS 1/2 messages not queued for an offline session whose queue was full.
-    pub dropped_full: AtomicU64,
+    /// QoS 1/2 messages queued over an offline session's cap (they were on their way when it
+    /// filled up).
+    pub queued_over_cap: AtomicU64,
+    /// Offline sessions at their cap with nothing but QoS 1/2 messages queued: marked by the
+    /// store when it queues one over the cap, unmarked when the session connects. The router
+    /// refuses QoS 1/2 publications for them.
+    pub over_cap: parking_lot::Mutex<HashSet<String>>,
     /// Messages owed to persistent sessions (queued or unacknowledged) when the store closed.
     pub owed_at_close: AtomicU64,
     /// Bytes cut from a torn or corrupt tail at open.
@@ -1286,16 +1302,20 @@ impl Store {
     pub fn set_online(&mut self, client: &str, online: bool) {
         if online {
             self.online.insert(client.to_owned());
+            // Connected, it is uncapped; offline again, its queue is what it left behind.
+            self.stats.over_cap.lock().remove(client);
         } else {
             self.online.remove(client);
         }
     }
 
     /// [`State::admit_with`] under the broker's policy: connected sessions have no cap, offline
-    /// ones `max_queued`; an offline session whose queue is full of QoS ≥ 1 entries does not get
-    /// the new message (counted in [`StoreStats::dropped_full`], WARN) and the others still do.
-    /// Holding the publisher back for a session that may never come back would stop every
-    /// publisher on its topics; the cap is the operator's bound on what one absent client costs.
+    /// ones `max_queued`. A QoS ≥ 1 message for an offline session whose queue is full of QoS ≥ 1
+    /// entries is queued anyway, over the cap: it may have been acknowledged to its publisher
+    /// already (the router routes before the store answers), and an acknowledged message is
+    /// never dropped. The session is then marked over its cap ([`StoreStats::over_cap`]), and the
+    /// router refuses further QoS ≥ 1 publications for it until it connects, so the overshoot is
+    /// only what was already on its way (see [`crate::router`]).
     fn admit(&self, op: Op) -> Result<Admitted, Rejection> {
         let max = self.config.max_queued;
         let online = &self.online;
@@ -1308,28 +1328,25 @@ impl Store {
         };
         match self.state.admit_with(op.clone(), &cap) {
             Err(Rejection::Full { clients }) => {
-                let left_out = |client: &str| clients.iter().any(|c| c == client);
-                let op = match op {
-                    Op::Publish { msg, to } => Op::Publish {
-                        msg,
-                        to: to.into_iter().filter(|d| !left_out(&d.client)).collect(),
-                    },
-                    // An enqueue has one recipient: the full one.
-                    _ => {
-                        return Ok(Admitted {
-                            ops: Vec::new(),
-                            dropped: Vec::new(),
-                        })
+                let over = |client: &str| {
+                    if clients.iter().any(|c| c == client) {
+                        usize::MAX
+                    } else {
+                        cap(client)
                     }
                 };
-                let admitted = self.state.admit_with(op, &cap)?;
-                for client in &clients {
-                    self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
-                    log::warn!(
-                        target: LOG,
-                        "session `{client}` is offline with {max} QoS 1/2 messages queued (the \
-                         cap): a new message for it is not queued"
-                    );
+                let admitted = self.state.admit_with(op, &over)?;
+                let mut marked = self.stats.over_cap.lock();
+                for client in clients {
+                    self.stats.queued_over_cap.fetch_add(1, Ordering::Relaxed);
+                    if marked.insert(client.clone()) {
+                        log::warn!(
+                            target: LOG,
+                            "session `{client}` is offline with {max} QoS 1/2 messages queued \
+                             (--max-queued): QoS 1/2 publications for it are refused until it \
+                             connects"
+                        );
+                    }
                 }
                 Ok(admitted)
             }
@@ -1782,6 +1799,15 @@ impl BlockingWorker for StoreWorker {
         }
     }
 
+    fn failed(&mut self) -> Option<String> {
+        // Memory is ahead of the disk: only a new instance, reading the log again, is right.
+        // Every commit waiting was answered with the error (or is dropped with this instance,
+        // which answers it `Closed`); the tree restarts the store and, rest-for-one, the router
+        // and the sessions, which reload from what is durable.
+        let cause = self.store.as_ref()?.check_poisoned().err()?;
+        Some(cause.to_string())
+    }
+
     fn on_drained(&mut self) {
         // Everything accepted has been handled: make it durable, answer it, close the log.
         self.flush();
@@ -1840,6 +1866,16 @@ pub struct StoreClient {
 }
 
 impl StoreClient {
+    /// Whether any offline session is over its cap.
+    pub fn any_over_cap(&self) -> bool {
+        !self.stats.over_cap.lock().is_empty()
+    }
+
+    /// Whether `client` is an offline session over its cap (see [`StoreStats::over_cap`]).
+    pub fn over_cap(&self, client: &str) -> bool {
+        self.stats.over_cap.lock().contains(client)
+    }
+
     /// Applies and logs `ops` as one request; the reply comes once they are durable. Acknowledge
     /// a publisher only after it.
     pub fn commit(&self, ops: Vec<Op>) -> Reply<Commit> {

@@ -651,7 +651,8 @@ fn a_commit_applies_ops_up_to_the_first_rejected_one() {
 }
 
 #[test]
-fn a_full_offline_session_is_left_out_and_a_connected_one_has_no_cap() {
+fn a_full_offline_session_is_marked_and_never_loses_a_qos1_message_and_a_connected_one_has_no_cap()
+{
     let dir = TempDir::new("full");
     let mut config = dir.config();
     config.max_queued = 1;
@@ -665,21 +666,57 @@ fn a_full_offline_session_is_left_out_and_a_connected_one_has_no_cap() {
             publish_to(1, 1, &[("a", 1), ("b", 1)]),
         ],
     );
-    // a is offline and full of QoS 1: the next message goes to b only, and the drop is counted.
+    let marked = |stats: &StoreStats| {
+        let mut v: Vec<String> = stats.over_cap.lock().iter().cloned().collect();
+        v.sort();
+        v
+    };
+    assert!(marked(&stats).is_empty(), "at the cap, not over it");
+    // a is offline and full of QoS 1: the next message (acknowledged, maybe) still goes to it,
+    // over the cap, and a is marked so that the router refuses the ones after.
     store.set_online("b", true);
     commit_all(&mut store, vec![publish_to(2, 1, &[("a", 1), ("b", 1)])]);
-    assert_eq!(queue_ids(store.state(), "a"), vec![1]);
+    assert_eq!(queue_ids(store.state(), "a"), vec![1, 2]);
     assert_eq!(
         queue_ids(store.state(), "b"),
         vec![1, 2],
         "b is connected: no cap"
     );
-    assert_eq!(StoreStats::get(&stats.dropped_full), 1);
-    // Gone offline, b is capped again (it keeps what it has).
+    assert_eq!(StoreStats::get(&stats.queued_over_cap), 1);
+    assert_eq!(marked(&stats), ["a"]);
+    // Gone offline, b is capped again: it keeps what it has, and is marked at the next one.
     store.set_online("b", false);
     commit_all(&mut store, vec![publish_to(3, 1, &[("b", 1)])]);
-    assert_eq!(queue_ids(store.state(), "b"), vec![1, 2]);
-    assert_eq!(StoreStats::get(&stats.dropped_full), 2);
+    assert_eq!(queue_ids(store.state(), "b"), vec![1, 2, 3]);
+    assert_eq!(StoreStats::get(&stats.queued_over_cap), 2);
+    assert_eq!(marked(&stats), ["a", "b"]);
+    // Connecting unmarks.
+    store.set_online("a", true);
+    assert_eq!(marked(&stats), ["b"]);
+    // QoS 0 still makes room as before: nothing over the cap for it.
+    commit_all(&mut store, vec![publish_to(4, 0, &[("b", 0)])]);
+    assert_eq!(queue_ids(store.state(), "b"), vec![1, 2, 3]);
+    assert_eq!(StoreStats::get(&stats.queued_over_cap), 2);
+}
+
+#[test]
+fn a_poisoned_store_fails_its_worker_and_answers_every_waiting_commit_with_the_error() {
+    let dir = TempDir::new("poisoned-worker");
+    let mut store = open_store(&dir);
+    commit_all(&mut store, vec![open("a")]);
+    store.sync().unwrap();
+    store.file = File::open(dir.log()).unwrap();
+    let mut worker = StoreWorker::new(store, Arc::default());
+    assert_eq!(worker.failed(), None);
+    let (reply, answer) = oneshot::channel();
+    worker.handle(StoreRequest::Commit {
+        ops: vec![open("b")],
+        reply,
+    });
+    let error = answer.blocking_recv().unwrap().unwrap_err();
+    assert!(matches!(error, StoreError::Io { .. }), "{error:?}");
+    let reason = worker.failed().expect("a poisoned store fails its worker");
+    assert!(reason.contains("refuses requests"), "{reason}");
 }
 
 #[test]
