@@ -445,6 +445,99 @@ fn a_full_offline_session_refuses_publishers_and_loses_nothing_acknowledged() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A failing disk (ours)
+// ---------------------------------------------------------------------------------------------
+
+/// Connects (clean or not), retrying while the broker restarts its listener; `None` past `until`.
+fn connect_retrying(
+    addr: SocketAddr,
+    id: &str,
+    clean: bool,
+    until: Instant,
+) -> Option<(Raw, bool)> {
+    while Instant::now() < until {
+        if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+            let id = id.to_owned();
+            // A connection the restarting broker accepts and closes makes `connect` panic.
+            if let Ok(connected) = std::panic::catch_unwind(move || Raw::connect(addr, &id, clean))
+            {
+                return Some(connected);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// A failed fsync poisons the store; the tree restarts it, and rest-for-one the router,
+/// sessions and listener after it. The publisher whose message was not durable is not
+/// acknowledged; the restart closes connections within seconds even with a client that holds
+/// unacknowledged messages (a shutdown would give it 0.9 × the sessions' 21 s budget); every
+/// acknowledged message reaches the persistent subscriber afterwards, and service resumes.
+#[test]
+fn a_failing_fsync_restarts_the_store_and_above_it_and_loses_nothing_acknowledged() {
+    let data = DataDir::new("fail_fsync");
+    let mut broker = Broker::ours(&data, &["--fail-fsync", "40"]);
+    // Subscribed, then never reading: its deliveries stay unacknowledged.
+    let (mut sub, _) = Raw::connect(broker.addr, "fsync-sub", false);
+    sub.sub(&[("fsync/#", QoS::AtLeastOnce)]);
+
+    let mut publisher = Raw::clean(broker.addr, "fsync-pub");
+    let mut acked = BTreeSet::new();
+    let failed = loop {
+        let seq = acked.len() as u64;
+        assert!(
+            seq < 400,
+            "400 messages acknowledged, the store never failed"
+        );
+        publisher.send(publish(
+            "fsync/t",
+            QoS::AtLeastOnce,
+            seq as u16 + 1,
+            payload(seq, 8),
+        ));
+        match publisher.next(REPLY_WITHIN) {
+            Next::Packet(Packet::PubAck(_)) => {
+                acked.insert(seq);
+            }
+            Next::Closed => break Instant::now(),
+            other => panic!("after PUBLISH {seq}: {other:?}"),
+        }
+    };
+    let until = failed + Duration::from_secs(30);
+    let (mut publisher, _) = connect_retrying(broker.addr, "fsync-pub", true, until)
+        .unwrap_or_else(|| panic!("no reconnect within 30 s; output:\n{}", broker.output()));
+    publisher.send(publish("fsync/t", QoS::AtLeastOnce, 1, payload(1000, 8)));
+    assert!(matches!(publisher.recv("PUBACK"), Packet::PubAck(_)));
+    let outage = failed.elapsed();
+    eprintln!(
+        "fail-fsync: {} acknowledged before; service back after {outage:?}",
+        acked.len()
+    );
+    assert!(
+        outage < Duration::from_secs(10),
+        "publishing resumed {outage:?} after the store failed; output:\n{}",
+        broker.output()
+    );
+    drop(sub);
+    let (mut sub, present) = connect_retrying(broker.addr, "fsync-sub", false, until)
+        .expect("the subscriber reconnects");
+    assert!(present, "the persistent session survived the restart");
+    acked.insert(1000);
+    let mut got = BTreeSet::new();
+    while !acked.is_subset(&got) {
+        let p = sub.recv_publish();
+        sub.ack(&p);
+        got.insert(seq_of(&p));
+    }
+    let out = broker.lines.all(Duration::from_millis(200));
+    for line in ["injected failure", "restart: closing"] {
+        assert!(out.contains(line), "no `{line}` in the output:\n{out}");
+    }
+    broker.stop(CLOSE_WITHIN);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The command line (ours)
 // ---------------------------------------------------------------------------------------------
 

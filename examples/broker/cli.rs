@@ -47,6 +47,10 @@ pub struct Args {
     /// connects.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queued: u64,
+
+    /// For tests: the store's fsync number N fails, as on a failing disk.
+    #[arg(long, hide = true, value_name = "N")]
+    pub fail_fsync: Option<u64>,
 }
 
 /// A duration on the command line, parsed by humantime (`30s`, `1m 30s`, `500ms`); not zero.

@@ -96,6 +96,7 @@ async fn run(args: Args) -> i32 {
     let timeout = args.shutdown_timeout.0;
     let mut store_config = StoreConfig::new(&args.data_dir);
     store_config.max_queued = args.max_queued as usize;
+    store_config.fail_fsync = args.fail_fsync;
     let (store_spec, store) = store::spec("store", store_config);
     let store_stats = store.stats_handle();
     let router_store = store.clone();

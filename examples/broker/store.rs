@@ -1009,6 +1009,9 @@ pub struct StoreConfig {
     /// The worker syncs after at most this many requests even if more are waiting, so a
     /// continuous stream cannot postpone replies indefinitely.
     pub max_batch: usize,
+    /// For tests of what a failing disk does: the append that would be the store's fsync number
+    /// `n` (counted across restarts) fails instead, once.
+    pub fail_fsync: Option<u64>,
 }
 
 impl StoreConfig {
@@ -1020,6 +1023,7 @@ impl StoreConfig {
             compact_ratio: 4,
             lock_wait: Duration::from_secs(3),
             max_batch: 1024,
+            fail_fsync: None,
         }
     }
 }
@@ -1384,10 +1388,16 @@ impl Store {
         if self.staged.is_empty() {
             return Ok(false);
         }
-        let written = self
-            .file
-            .write_all(&self.staged)
-            .and_then(|()| self.file.sync_data());
+        let injected = self.config.fail_fsync == Some(StoreStats::get(&self.stats.fsyncs) + 1);
+        let written = if injected {
+            // Counted, so the next instance does not fail at the same number again.
+            self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+            Err(io::Error::other("injected failure (--fail-fsync)"))
+        } else {
+            self.file
+                .write_all(&self.staged)
+                .and_then(|()| self.file.sync_data())
+        };
         if let Err(e) = written {
             let path = self.log_path.clone();
             return Err(self.poison(io_error("cannot append to", &path)(e)));
