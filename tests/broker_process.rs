@@ -371,6 +371,30 @@ fn malformed_reserved_bits_close_only_that_connection() {
 // --max-queued (ours)
 // ---------------------------------------------------------------------------------------------
 
+/// Publishes QoS 1 messages on `topic` (sequence numbers 0, 1, …), one at a time, each waiting
+/// for its PUBACK, until the broker closes the connection; returns what was acknowledged. Panics
+/// past `limit` acknowledgements.
+fn publish_until_closed(publisher: &mut Raw, topic: &str, limit: u64) -> BTreeSet<u64> {
+    let mut acked = BTreeSet::new();
+    loop {
+        let seq = acked.len() as u64;
+        assert!(
+            seq <= limit,
+            "{seq} messages acknowledged, the connection never closed"
+        );
+        let pkid = (seq % 65_535 + 1) as u16;
+        publisher.send(publish(topic, QoS::AtLeastOnce, pkid, payload(seq, 8)));
+        match publisher.next(REPLY_WITHIN) {
+            Next::Packet(Packet::PubAck(ack)) => {
+                assert_eq!(ack.pkid, pkid);
+                acked.insert(seq);
+            }
+            Next::Closed => return acked,
+            other => panic!("after PUBLISH {seq}: {other:?}"),
+        }
+    }
+}
+
 /// An offline persistent session full of QoS 1 messages never loses one that was acknowledged:
 /// the broker refuses the next publication for it (no PUBACK, the publisher's connection closed)
 /// instead of dropping it, and the session gets every acknowledged message when it comes back;
@@ -388,28 +412,8 @@ fn a_full_offline_session_refuses_publishers_and_loses_nothing_acknowledged() {
 
     // One at a time, each waiting for its PUBACK, until the broker refuses.
     let mut publisher = Raw::clean(broker.addr, "capped-pub");
-    let mut acked = BTreeSet::new();
-    let refused_at = loop {
-        let seq = acked.len() as u64;
-        assert!(
-            seq <= 2 * CAP,
-            "{seq} PUBACKs for a session capped at {CAP}"
-        );
-        publisher.send(publish(
-            "capped/t",
-            QoS::AtLeastOnce,
-            seq as u16 + 1,
-            payload(seq, 8),
-        ));
-        match publisher.next(REPLY_WITHIN) {
-            Next::Packet(Packet::PubAck(ack)) => {
-                assert_eq!(ack.pkid, seq as u16 + 1);
-                acked.insert(seq);
-            }
-            Next::Closed => break seq,
-            other => panic!("after PUBLISH {seq}: {other:?}"),
-        }
-    };
+    let acked = publish_until_closed(&mut publisher, "capped/t", 2 * CAP);
+    let refused_at = acked.len() as u64;
     // The cap, and the one that filled it while on its way (the store queues it over the cap).
     assert_eq!(refused_at, CAP + 1, "acknowledged: {acked:?}");
     let out = broker.lines.all(Duration::from_millis(200));
@@ -483,27 +487,8 @@ fn a_failing_fsync_restarts_the_store_and_above_it_and_loses_nothing_acknowledge
     sub.sub(&[("fsync/#", QoS::AtLeastOnce)]);
 
     let mut publisher = Raw::clean(broker.addr, "fsync-pub");
-    let mut acked = BTreeSet::new();
-    let failed = loop {
-        let seq = acked.len() as u64;
-        assert!(
-            seq < 400,
-            "400 messages acknowledged, the store never failed"
-        );
-        publisher.send(publish(
-            "fsync/t",
-            QoS::AtLeastOnce,
-            seq as u16 + 1,
-            payload(seq, 8),
-        ));
-        match publisher.next(REPLY_WITHIN) {
-            Next::Packet(Packet::PubAck(_)) => {
-                acked.insert(seq);
-            }
-            Next::Closed => break Instant::now(),
-            other => panic!("after PUBLISH {seq}: {other:?}"),
-        }
-    };
+    let mut acked = publish_until_closed(&mut publisher, "fsync/t", 400);
+    let failed = Instant::now();
     let until = failed + Duration::from_secs(30);
     let (mut publisher, _) = connect_retrying(broker.addr, "fsync-pub", true, until)
         .unwrap_or_else(|| panic!("no reconnect within 30 s; output:\n{}", broker.output()));
