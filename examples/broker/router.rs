@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use actix_supervisor::{InFlight, Worker};
+use actix_supervisor::{InFlight, Stopping, Worker};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
@@ -156,6 +156,10 @@ pub struct Router {
     parked: HashMap<String, VecDeque<Parked>>,
     next_id: MsgId,
     work: InFlight,
+    /// Its own address, for the futures that find the store disagreeing (see `commit_checked`).
+    me: Option<Addr<Router>>,
+    /// Told to stop for a restart.
+    restarting: bool,
 }
 
 impl Router {
@@ -169,6 +173,8 @@ impl Router {
             parked: HashMap::new(),
             next_id: 0,
             work: InFlight::new(),
+            me: None,
+            restarting: false,
         }
     }
 
@@ -344,12 +350,18 @@ impl Router {
                 must_wait = true;
             }
         }
-        let committed = (!ops.is_empty()).then(|| self.store.commit(ops));
+        let mut committed = (!ops.is_empty()).then(|| self.commit_checked(ops));
+        if !must_wait {
+            // Nobody to acknowledge waits for it; its outcome is still checked.
+            if let Some(committed) = committed.take() {
+                actix::spawn(self.work.track(async move {
+                    let _ = committed.await;
+                }));
+            }
+        }
         Box::pin(self.work.track(async move {
             if let Some(committed) = committed {
-                if must_wait {
-                    check_commit(committed.await)?;
-                }
+                committed.await?;
             }
             if let Some(reason) = refused {
                 return Err(reason);
@@ -494,11 +506,34 @@ impl Router {
         if ops.is_empty() {
             return Box::pin(async { Ok(()) });
         }
+        let committed = self.commit_checked(ops);
+        Box::pin(self.work.track(committed))
+    }
+
+    /// Commits `ops`; the answer is an error when the store failed or refused an op. A refused
+    /// op is a broker bug: the router's memory (its retained messages, who is persistent) and
+    /// the store disagree, so the router stops itself to be restarted — with the sessions and
+    /// the listener, rest-for-one — and reloads from the store.
+    fn commit_checked(&self, ops: Vec<Op>) -> impl Future<Output = Result<(), RouteError>> {
         let committed = self.store.commit(ops);
-        Box::pin(
-            self.work
-                .track(async move { check_commit(committed.await) }),
-        )
+        let me = self.me.clone();
+        async move {
+            let commit = committed.await.map_err(store_failed)?;
+            match commit.rejected {
+                None => Ok(()),
+                Some(rejected) => {
+                    log::error!(
+                        target: LOG,
+                        "the store refused an op ({rejected:?}): the router's memory and the \
+                         store disagree; restarting the router to reload from the store"
+                    );
+                    if let Some(me) = me {
+                        me.do_send(Reload);
+                    }
+                    Err(format!("the store refused an op: {rejected:?}"))
+                }
+            }
+        }
     }
 
     fn disconnected(&mut self, msg: Disconnected) {
@@ -608,16 +643,16 @@ fn store_failed(e: StoreError) -> RouteError {
     format!("the store failed: {e}")
 }
 
-fn check_commit(committed: Result<crate::store::Commit, StoreError>) -> Result<(), RouteError> {
-    let commit = committed.map_err(store_failed)?;
-    match commit.rejected {
-        // Only a broker bug gets here (the ops contradict the store's state): say so loudly,
-        // and do not acknowledge.
-        Some(rejected) => {
-            log::error!(target: LOG, "the store refused an op: {rejected:?}");
-            Err(format!("the store refused an op: {rejected:?}"))
-        }
-        None => Ok(()),
+/// Tells the router to stop, so that the tree restarts it from what the store has.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Reload;
+
+impl Handler<Reload> for Router {
+    type Result = ();
+
+    fn handle(&mut self, _: Reload, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 
@@ -625,6 +660,7 @@ impl Actor for Router {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.me = Some(ctx.address());
         // Nothing is routed before the persistent sessions and retained messages are back.
         self.store.nobody_online();
         let read = self.store.read(|state| Loaded {
@@ -656,8 +692,16 @@ impl Actor for Router {
 }
 
 impl Worker for Router {
+    fn on_stopping(&mut self, _: &mut Context<Self>, stopping: &Stopping) {
+        self.restarting = stopping.restarting();
+    }
+
     fn in_flight(&self) -> Option<&InFlight> {
-        Some(&self.work)
+        // In a restart the store is restarting too (its failure is the likely cause): the work
+        // in flight waits for its answers, which the next store instance gives only once this
+        // router is gone. Nobody waits for that work either — the connections are closed — so
+        // the drain does not wait for it (it finishes, or fails, on its own).
+        (!self.restarting).then_some(&self.work)
     }
 }
 

@@ -33,8 +33,9 @@
 //!
 //! **A rejected op** is a broker bug (the ops contradict the state). The request stops there —
 //! what follows may depend on it (the packet id of a QoS 2 message whose publication was
-//! refused) — and the reply names it; the router then does not acknowledge the request, so its
-//! publisher sends it again. **A failed write** poisons the store (memory is ahead of the disk):
+//! refused) — and the reply names it; the router then does not acknowledge the request (its
+//! publisher sends it again) and restarts itself, reloading from the store, since its memory
+//! (retained messages, routed before the store answered) may be ahead of what the store has. **A failed write** poisons the store (memory is ahead of the disk):
 //! every request is refused from then on, and the worker ends as failed
 //! ([`BlockingWorker::failed`]), so the tree restarts it — and the router, which reloads what is
 //! durable, so that its retained messages and sessions never disagree with the disk for longer.
