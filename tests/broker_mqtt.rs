@@ -481,7 +481,7 @@ fn qos2_with_rumqttc_beyond_the_inflight_window_delivers_every_message_once() {
 /// point 5: flow control, not loss).
 #[test]
 fn two_clients_publishing_to_each_other_both_get_through() {
-    const N: usize = 5_000;
+    const N: usize = 3_000;
     /// Each client's own window of unacknowledged publishes.
     const WINDOW: usize = 50;
     /// Publishes each client sends per round, one packet per write (so a broker reading as
