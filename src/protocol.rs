@@ -7,15 +7,17 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The order a child receives when the tree drains: stop intake, finish what was accepted,
-/// acknowledge before `deadline`.
+/// The order a child receives when it is stopped — the tree drains, or its supervisor restarts
+/// it or gives up: stop intake, finish what was accepted, acknowledge before `deadline`.
+/// [`restarting`](Stopping::restarting) tells a restart from a final stop.
 ///
 /// A worker sees it in [`Worker::on_stopping`](crate::Worker::on_stopping), after every
 /// message that was queued before it.
 #[derive(Clone, Debug)]
 pub struct Stopping {
-    /// Why the tree is shutting down (`"SIGTERM"`, or the reason given to
-    /// [`TreeHandle::shutdown`](crate::TreeHandle::shutdown)).
+    /// Why the child is stopped: why the tree is shutting down (`"SIGTERM"`, or the reason
+    /// given to [`TreeHandle::shutdown`](crate::TreeHandle::shutdown)), or, for a restart or a
+    /// supervisor giving up, what ended (`"restart: app/store failed: …"`).
     pub reason: Arc<str>,
     /// The instant by which this child must have acknowledged; after it the child is aborted.
     /// It is the earlier of the child's own budget and its parent's deadline.
@@ -24,14 +26,24 @@ pub struct Stopping {
 }
 
 impl Stopping {
-    /// True when the child is stopped to be started again — a restart of it, or of its siblings
-    /// with it (one-for-all, rest-for-one) — and false when the stop is final: the tree shuts
-    /// down, or a supervisor gives up. It says what was planned when the order was made: if the
-    /// restart turns into a give-up (the intensity is exceeded meanwhile), children told
-    /// before keep the order they got.
+    /// True when, at the time it was told, the child was to be started again: it is stopped
+    /// for a restart — of a supervisor above it, or of a sibling under one-for-all or
+    /// rest-for-one — and a fresh instance from its factory follows once everything the restart
+    /// stops has acknowledged (and after the backoff, if one is set).
+    ///
+    /// False when the stop is final: the tree shuts down, a supervisor gives up (exceeded its
+    /// intensity; whatever its own parent decides next is a new decision), or the child is
+    /// `Temporary` (or under a `Temporary` supervisor) and stopped only because a sibling
+    /// restarts — temporary children are not started again.
+    ///
+    /// It says what was planned when the order was made; an order once given does not change.
+    /// If the restart becomes a give-up (the intensity is exceeded while it stops), or the
+    /// tree's shutdown begins meanwhile, children told before keep `true`, and those told after
+    /// get `false`.
     ///
     /// A worker may shorten its drain on a restart: nothing is going away for good, and whoever
-    /// waits for it (its clients, its dependents) waits for the restart to end.
+    /// waits for it (its clients, its dependents) waits for the restart to end. Its mailbox
+    /// stays open across a restart: what is accepted meanwhile waits for the next instance.
     pub fn restarting(&self) -> bool {
         self.restarting
     }

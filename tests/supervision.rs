@@ -985,6 +985,11 @@ async fn a_one_for_all_restart_counts_once_against_the_intensity() {
     for n in ["a", "b", "c"] {
         rec.expect(E::Started(format!("s/{n}"), 3)).await;
     }
+    // The first restart said a restart would follow; the give-up (a and c stopped, then the
+    // root's restart of s: a new decision) said the stop was final.
+    assert_eq!(rec.restarting("s/b", 1), Some(true));
+    assert_eq!(rec.restarting("s/a", 2), Some(false));
+    assert_eq!(rec.restarting("s/c", 2), Some(false));
     let report = handle.shutdown("test").await;
     assert_eq!(entry(&report, "s").restarts, 1, "{report}");
     for n in ["a", "b", "c"] {
@@ -1354,6 +1359,83 @@ async fn panics_in_stop_hooks_during_a_restart_are_recorded_and_the_restart_happ
         ],
         "{report}"
     );
+}
+
+/// `Stopping::restarting` says whether the stopped child is started again: true for the
+/// siblings a rest-for-one restart stops and starts, false for a temporary sibling it stops
+/// for good (and for everything under a temporary supervisor), false at the tree's shutdown.
+#[actix::test]
+async fn a_restart_tells_whom_it_starts_again_and_a_temporary_sibling_that_its_stop_is_final() {
+    init_log();
+    let rec = Rec::default();
+    let a = plain("a", "s/a", &rec);
+    let b = plain("b", "s/b", &rec);
+    let t = plain("t", "s/t", &rec);
+    let w = plain("w", "s/ts/w", &rec);
+    let c = plain("c", "s/c", &rec);
+    let (aa, ba, ta, wa, ca) = (
+        a.addr.clone(),
+        b.addr.clone(),
+        t.addr.clone(),
+        w.addr.clone(),
+        c.addr.clone(),
+    );
+    let handle = Tree::builder("restarting-flag")
+        .child(
+            SupervisorSpec::new("s")
+                .strategy(Strategy::RestForOne)
+                .intensity(10, Duration::from_secs(60))
+                .child(a.spec)
+                .child(b.spec)
+                .child(t.spec.restart(Restart::Temporary))
+                .child(
+                    SupervisorSpec::new("ts")
+                        .restart(Restart::Temporary)
+                        .child(w.spec),
+                )
+                .child(c.spec),
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    rec.expect(E::Started("s/c".into(), 1)).await;
+    // b fails: rest-for-one stops t, ts (with w) and c, and starts b and c again.
+    ba.do_send(Boom).unwrap();
+    for n in ["b", "c"] {
+        rec.expect(E::Started(format!("s/{n}"), 2)).await;
+    }
+    assert_eq!(ping(&ca).await, 2);
+    until("the temporary ones to refuse sends", LONG, || {
+        !ta.connected() && !wa.connected()
+    })
+    .await
+    .unwrap();
+    assert_eq!(rec.restarting("s/c", 1), Some(true), "{:?}", rec.events());
+    assert_eq!(rec.restarting("s/t", 1), Some(false), "{:?}", rec.events());
+    assert_eq!(
+        rec.restarting("s/ts/w", 1),
+        Some(false),
+        "{:?}",
+        rec.events()
+    );
+    assert!(
+        rec.reason("s/c", 1).is_some_and(|r| r.contains("s/b")),
+        "the reason names what ended: {:?}",
+        rec.reason("s/c", 1)
+    );
+    assert!(!rec.has(&E::Stopping("s/a".into(), 1)), "a is before b");
+    assert_eq!(t.shared.calls(), 1);
+    assert_eq!(w.shared.calls(), 1);
+
+    let report = handle.shutdown("test").await;
+    assert_eq!(rec.restarting("s/a", 1), Some(false));
+    assert_eq!(rec.restarting("s/b", 2), Some(false));
+    assert_eq!(rec.restarting("s/c", 2), Some(false));
+    assert_eq!(rec.reason("s/a", 1).as_deref(), Some("test"));
+    assert!(matches!(aa.do_send(Ping), Err(SendError::Closed(Ping))));
+    assert_eq!(entry(&report, "s/c").restarts, 1, "{report}");
 }
 
 #[actix::test]

@@ -58,14 +58,17 @@ impl Orders {
         &self.reason
     }
 
-    fn order(&mut self, deadline: Instant) -> Arc<Stopping> {
+    /// The order for a child told now with `deadline`. `stays_down`: the child is stopped with
+    /// a restart's siblings but not started again (a temporary one), so its order is final.
+    fn order(&mut self, deadline: Instant, stays_down: bool) -> Arc<Stopping> {
+        let restarting = self.restarting && !stays_down;
         match &self.last {
-            Some(o) if o.deadline == deadline => o.clone(),
+            Some(o) if o.deadline == deadline && o.restarting == restarting => o.clone(),
             _ => {
                 let o = Arc::new(Stopping {
                     reason: self.reason.clone(),
                     deadline,
-                    restarting: self.restarting,
+                    restarting,
                 });
                 self.last = Some(o.clone());
                 o
@@ -266,6 +269,19 @@ impl Runtime {
         }
     }
 
+    /// True when `id`, stopped by `sup`'s restart, is on the branch of a temporary root: the
+    /// restart does not start it again (see `restart.rs`, `restart`).
+    fn stays_down(&self, id: NodeId, sup: NodeId) -> bool {
+        let mut root = id;
+        while let Some(p) = self.g.node(root).parent {
+            if p == sup {
+                return self.g.restart(root) == Restart::Temporary;
+            }
+            root = p;
+        }
+        false
+    }
+
     pub(super) fn tell(&mut self, id: NodeId, now: Instant) {
         let Some(stop) = self.stop_of(id) else { return };
         if self.st[id.index()].is_told_or_done() {
@@ -298,11 +314,15 @@ impl Runtime {
                 Status::Running => {
                     let deadline = deadline.unwrap_or(now + self.cfg.worker_budget);
                     let order = match stop {
-                        Stop::Shutdown => {
-                            self.shutdown.as_mut().map(|sd| sd.orders.order(deadline))
-                        }
+                        Stop::Shutdown => self
+                            .shutdown
+                            .as_mut()
+                            .map(|sd| sd.orders.order(deadline, false)),
                         Stop::Restart(sup) => {
-                            self.waves.get_mut(&sup).map(|w| w.orders.order(deadline))
+                            let stays_down = self.stays_down(id, sup);
+                            self.waves
+                                .get_mut(&sup)
+                                .map(|w| w.orders.order(deadline, stays_down))
                         }
                     };
                     // A temporary child stopped for a sibling's restart will not start again:
