@@ -94,6 +94,11 @@ impl<A: Actor<Context = Context<A>>> ChildAddr<A> {
     /// Sends a message and waits for the handler's result. On a bounded mailbox it first waits
     /// for room. Fails with [`MailboxError::Closed`] when the message is refused, or when it was
     /// accepted but dropped unhandled because the child was aborted.
+    ///
+    /// The message enters the mailbox when the future is first polled. Once it has, it is
+    /// handled even if the future is dropped before the answer comes (unlike actix's `send`,
+    /// which then skips the handler): an accepted message is handled or counted as dropped,
+    /// never silently skipped.
     pub async fn send<M>(&self, msg: M) -> Result<M::Result, MailboxError>
     where
         A: Handler<M>,
@@ -125,7 +130,9 @@ impl<A: Actor<Context = Context<A>>> ChildAddr<A> {
     /// await the answer later. Like `do_send` it ignores the mailbox capacity. Fails at once with
     /// [`SendError::Closed`] when the child no longer accepts messages; the future fails with
     /// [`MailboxError::Closed`] when the message was accepted but dropped unhandled (the child
-    /// was aborted). Dropping the future before the message is handled skips the handler.
+    /// was aborted). The message is handled whether or not the future is awaited or kept: a
+    /// caller may queue a request and drop its answer (a connection closing behind its last
+    /// requests), and the request still takes effect, in its place among the others.
     pub fn request<M>(
         &self,
         msg: M,
@@ -186,9 +193,8 @@ where
 {
     fn run(self: Box<Self>, act: &mut A, ctx: &mut Context<A>) {
         let MessageJob { msg, tx } = *self;
-        if tx.as_ref().is_some_and(|tx| tx.is_closed()) {
-            return; // the caller stopped waiting for the result
-        }
+        // Handled even when the caller no longer waits for the result: it was accepted, and
+        // the sender may have relied on its effect (and on its order among later messages).
         <A as Handler<M>>::handle(act, msg, ctx).handle(ctx, tx);
     }
 

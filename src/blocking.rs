@@ -557,11 +557,6 @@ impl<W: BlockingWorker> Instance<W> {
     ) -> Result<(), End> {
         let inst = &self.mailbox.inst;
         log::debug!(target: LOG, "{}: handling a message", self.mailbox.thread_name);
-        if reply.as_ref().is_some_and(|r| r.is_closed()) {
-            // The caller stopped waiting for the reply (as actix does, the message is skipped).
-            inst.add_handled(1);
-            return Ok(());
-        }
         // On a panic the message is lost; dropping `reply` tells a waiting `send` so.
         let out = guard(|| worker.handle(msg))?;
         // An aborted instance is no longer the counts' only writer: it leaves them alone, so
@@ -634,8 +629,9 @@ impl<W: BlockingWorker> BlockingAddr<W> {
 
     /// Sends a message and waits for the handler's reply. Fails with [`MailboxError::Closed`]
     /// when the message is refused, or when it was accepted but not handled (the worker was
-    /// aborted, or its handler panicked on this message). If the caller stops waiting before the
-    /// worker reaches the message, the worker skips it, as actix does.
+    /// aborted, or its handler panicked on this message). Once accepted the message is handled
+    /// even if the caller stops waiting for the reply (actix would skip it): an accepted message
+    /// is handled or counted as dropped, never silently skipped.
     pub async fn send(&self, msg: W::Message) -> Result<W::Reply, MailboxError> {
         let (tx, rx) = oneshot::channel();
         self.mailbox

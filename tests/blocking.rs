@@ -327,6 +327,31 @@ async fn send_returns_the_reply_and_the_handle_finds_the_address() {
     assert_eq!(report.find("sup/sum").unwrap().outcome, Outcome::Drained);
 }
 
+/// A `send` dropped after its message was accepted (while the worker is busy) is still handled:
+/// accepted means handled, whatever the sender does with the reply.
+#[actix::test]
+async fn a_send_whose_reply_nobody_awaits_is_still_handled() {
+    init_log();
+    let ctl = Ctl::new("sum");
+    let spec = acc(&ctl);
+    let addr = spec.addr();
+    let handle = Tree::builder("dropped-reply")
+        .child(spec)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let release = block(&addr).await;
+    let mut sent = Box::pin(addr.send(Msg::Add(5)));
+    poll_once(&mut sent);
+    drop(sent);
+    release.send(()).unwrap();
+    assert_eq!(within(addr.send(Msg::Add(1))).await.unwrap(), 6);
+    let report = handle.shutdown("test").await;
+    assert_eq!(report.find("sum").unwrap().dropped, 0, "{report}");
+}
+
 #[actix::test]
 async fn a_handler_stuck_past_its_budget_is_timed_out_and_its_backlog_counted_dropped() {
     init_log();

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, PubRel,
-    Publish, Subscribe, SubscribeReasonCode,
+    Publish, Subscribe, SubscribeReasonCode, Unsubscribe,
 };
 use rumqttc::mqttbytes::QoS;
 
@@ -851,6 +851,102 @@ fn unsubscribe_stops_delivery_for_exactly_those_filters() {
 // ---------------------------------------------------------------------------------------------
 // Topic matching
 // ---------------------------------------------------------------------------------------------
+
+/// How a client ends right after its last request.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    /// DISCONNECT in the same write as the request.
+    Disconnect,
+    /// The TCP connection closed (FIN) right behind the request, without DISCONNECT.
+    Close,
+}
+
+/// Sends `request` and ends the connection at once, as `ending` says, without waiting for the
+/// answer.
+fn send_and_end(mut raw: Raw, request: Packet, ending: Ending) {
+    let mut bytes = encode(&request);
+    if let Ending::Disconnect = ending {
+        bytes.extend_from_slice(&encode(&Packet::Disconnect));
+    }
+    raw.send_bytes(&bytes);
+    if let Ending::Close = ending {
+        let _ = raw.stream.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// 3.14.4, 4.6.0 [MQTT-4.6.0-1..6]: the packets of a connection are processed in order, so a
+/// SUBSCRIBE or UNSUBSCRIBE right before DISCONNECT (or before the connection closes) takes
+/// effect, and a persistent session has it when the client comes back. Each way of ending is
+/// tried 100 times: the request and the end reach the broker in one segment, the case where
+/// the end can overtake the request.
+#[test]
+fn subscribe_or_unsubscribe_right_before_the_connection_ends_is_applied() {
+    const TRIES: usize = 100;
+    let (_data, broker) = broker("request-then-end");
+    let addr = broker.addr;
+    let mut lost = Vec::new();
+    for ending in [Ending::Disconnect, Ending::Close] {
+        // SUBSCRIBE, then the end; back again, the subscription delivers.
+        for i in 0..TRIES {
+            let id = format!("sub-{ending:?}-{i}");
+            let (mut raw, _) = Raw::connect(addr, &id, false);
+            let mut sub = Subscribe::new(format!("t/{id}"), QoS::AtLeastOnce);
+            sub.pkid = raw.pkid();
+            send_and_end(raw, Packet::Subscribe(sub), ending);
+        }
+        let mut missing = 0;
+        for i in 0..TRIES {
+            let id = format!("sub-{ending:?}-{i}");
+            let (mut raw, present) = Raw::connect(addr, &id, false);
+            assert!(present, "`{id}`: its session is kept");
+            // The sentinel: a subscription made now. Were `t/` not applied, the sentinel's
+            // message would be the first to come back.
+            raw.sub(&[(&format!("s/{id}"), QoS::AtLeastOnce)]);
+            raw.publish(&format!("t/{id}"), QoS::AtLeastOnce, b"x", false);
+            raw.publish(&format!("s/{id}"), QoS::AtLeastOnce, b"end", false);
+            if raw.recv_publish().topic != format!("t/{id}") {
+                missing += 1;
+            }
+            raw.disconnect();
+        }
+        if missing > 0 {
+            lost.push(format!(
+                "SUBSCRIBE then {ending:?}: {missing} of {TRIES} not applied"
+            ));
+        }
+
+        // UNSUBSCRIBE, then the end; back again, nothing comes from the old filter.
+        for i in 0..TRIES {
+            let id = format!("unsub-{ending:?}-{i}");
+            let (mut raw, _) = Raw::connect(addr, &id, false);
+            raw.sub(&[
+                (&format!("t/{id}"), QoS::AtLeastOnce),
+                (&format!("s/{id}"), QoS::AtLeastOnce),
+            ]);
+            let mut unsub = Unsubscribe::new(format!("t/{id}"));
+            unsub.pkid = raw.pkid();
+            send_and_end(raw, Packet::Unsubscribe(unsub), ending);
+        }
+        let mut kept = 0;
+        for i in 0..TRIES {
+            let id = format!("unsub-{ending:?}-{i}");
+            let (mut raw, present) = Raw::connect(addr, &id, false);
+            assert!(present, "`{id}`: its session is kept");
+            raw.publish(&format!("t/{id}"), QoS::AtLeastOnce, b"x", false);
+            raw.publish(&format!("s/{id}"), QoS::AtLeastOnce, b"end", false);
+            if raw.recv_publish().topic != format!("s/{id}") {
+                kept += 1;
+            }
+            raw.disconnect();
+        }
+        if kept > 0 {
+            lost.push(format!(
+                "UNSUBSCRIBE then {ending:?}: {kept} of {TRIES} not applied"
+            ));
+        }
+    }
+    assert!(lost.is_empty(), "requests lost: {}", lost.join("; "));
+}
 
 /// Subscribes one client per filter, publishes `topics` then `end`; returns, per filter, the
 /// sorted topics it got before `end`.

@@ -1158,6 +1158,42 @@ async fn a_request_is_queued_when_made_and_answered_when_awaited() {
     }
 }
 
+/// A message the mailbox accepted is handled whatever the sender does with the answer: a
+/// `request` whose future is dropped at once, and a `send` dropped after its first poll (when it
+/// entered the mailbox), both take effect in their place among the messages around them. (actix's
+/// own `send` skips such a message; a broker connection that queues SUBSCRIBE and then closes
+/// relies on it not being skipped.)
+#[actix::test]
+async fn a_message_whose_answer_nobody_awaits_is_still_handled_in_its_place() {
+    init_log();
+    let rec = Rec::default();
+    let t = plain("t", "t", &rec);
+    let ta = t.addr.clone();
+    let handle = Tree::builder("dropped-answers")
+        .child(t.spec)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    drop(ta.request(Num(1)).unwrap());
+    ta.do_send(Num(2)).unwrap();
+    let mut sent = Box::pin(ta.send(Num(3)));
+    assert!(poll_once(&mut sent).await.is_none(), "pushed, not answered");
+    drop(sent);
+    assert_eq!(
+        actix_rt::time::timeout(LONG, ta.send(Num(4))).await,
+        Ok(Ok(4))
+    );
+    assert_eq!(
+        *t.shared.nums.lock(),
+        vec![1, 2, 3, 4],
+        "every accepted message handled, in order"
+    );
+    let report = handle.shutdown("test").await;
+    assert_eq!(entry(&report, "t").dropped, 0, "{report}");
+}
+
 // ----- 3. backoff -------------------------------------------------------------------------------
 
 #[actix::test]
