@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::quota::Overflow;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "broker",
@@ -41,12 +43,27 @@ pub struct Args {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=65_535))]
     pub max_inflight: u64,
 
-    /// Messages queued for an offline persistent session, at most: when full, its oldest QoS 0
-    /// messages go first; once it is full of QoS 1/2 messages, QoS 1/2 publications for it are
-    /// refused — not acknowledged, the publisher's connection closed (logged) — until it
-    /// connects.
+    /// Messages waiting for one session, at most: for a connected client, those not written to
+    /// its socket yet; for an offline persistent session, its queue. A session past this (or past
+    /// --max-queued-bytes) loses messages as --queue-overflow says — QoS 0 ones first — counted
+    /// and logged once per episode, naming it; no other client is refused or slowed for it.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queued: u64,
+
+    /// Bytes (topics and payloads) waiting for one session, at most; see --max-queued.
+    #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queued_bytes: u64,
+
+    /// What a session over its quota loses: `drop-new` (the new message is not queued for it;
+    /// what it has stays) or `drop-oldest` (its oldest waiting messages go; it gets the latest).
+    #[arg(long, value_enum, default_value = "drop-new")]
+    pub queue_overflow: Overflow,
+
+    /// Persistent sessions (clean session false) that stay offline longer than this are dropped
+    /// with their subscriptions and queue (`1h`, `7d`); by default they are kept forever. Counted
+    /// from when the session went away, across restarts.
+    #[arg(long, value_name = "DURATION")]
+    pub persistent_client_expiration: Option<Expiration>,
 
     /// For tests: the store's fsync number N fails, as on a failing disk.
     #[arg(long, hide = true, value_name = "N")]
@@ -68,6 +85,22 @@ impl std::str::FromStr for Budget {
             }
             Ok(d) => Ok(Budget(d)),
             Err(e) => Err(format!("{e} (write it like 30s, 500ms or 2m)")),
+        }
+    }
+}
+
+/// How long a persistent session may stay away (humantime: `90s`, `12h`, `7d`); not zero.
+#[derive(Clone, Copy, Debug)]
+pub struct Expiration(pub Duration);
+
+impl std::str::FromStr for Expiration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match humantime::parse_duration(s) {
+            Ok(d) if d.is_zero() => Err("must be more than zero".to_owned()),
+            Ok(d) => Ok(Expiration(d)),
+            Err(e) => Err(format!("{e} (write it like 1h, 7d or 90s)")),
         }
     }
 }

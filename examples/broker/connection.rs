@@ -20,7 +20,10 @@
 //! **Outbound PUBLISH.** Deliveries wait in `pending` until the client's window has room (at most
 //! `max_inflight` QoS 1/2 messages unacknowledged) and the output buffer is below
 //! [`OUT_HIGH`]; only then are they encoded, so a client that does not read holds its backlog
-//! in the gauge the router watches, not in an ever-growing buffer.
+//! in the gauge the router watches, not in an ever-growing buffer. That backlog is bounded by
+//! the session's quota (see [`crate::quota`]): the router stops handing over new messages past it
+//! (`drop-new`), or the connection drops its oldest pending ones (`drop-oldest`, with a
+//! `DropQueued` op for those the store holds).
 //!
 //! **Persistent sessions.** A delivery the store holds for the session (`stored`) is logged as
 //! `Sent` when encoded and `Completed` when acknowledged, so after a restart the session resumes
@@ -62,6 +65,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::outbox::{Awaiting, ConnId, Deliver, Outbox, Outgoing, ToConn};
+use crate::quota::{Overflow, Quota};
 use crate::router::{
     Connect, Connected, Disconnected, Publication, Route, RouteError, Router, Subscribe,
     Unsubscribe, Will,
@@ -91,6 +95,8 @@ const READ_CHUNK: usize = 64 * 1024;
 pub struct Limits {
     pub max_packet_size: usize,
     pub max_inflight: usize,
+    /// What may wait for this client (see [`crate::quota`]).
+    pub quota: Quota,
 }
 
 /// Counters the broker prints when it stops.
@@ -238,8 +244,8 @@ struct Conn {
     will: Option<Will>,
     /// The router knows this connection (it must hear when it ends).
     registered: bool,
-    /// Deliveries not encoded yet; `true` when counted in the backlog gauge.
-    pending: VecDeque<(Deliver, bool)>,
+    /// Deliveries not encoded yet, all counted in the backlog gauge.
+    pending: VecDeque<Deliver>,
     /// Outbound QoS 1/2 flows in progress, by packet id.
     outgoing: HashMap<PacketId, Outgoing>,
     next_pkid: PacketId,
@@ -424,8 +430,12 @@ impl Conn {
                     },
                 );
             }
-            self.pending
-                .extend(restored.queue.into_iter().map(|d| (d, false)));
+            // Counted like any delivery: what the session was owed is its backlog, under its
+            // quota, and pacing its publishers until it is sent.
+            for deliver in restored.queue {
+                self.outbox.backlog.add(deliver.size());
+                self.pending.push_back(deliver);
+            }
             self.inbound = restored.inbound;
         }
         self.last_packet = Instant::now();
@@ -542,7 +552,12 @@ impl Conn {
 
     fn on_mail(&mut self, msg: ToConn) -> Option<End> {
         match msg {
-            ToConn::Deliver(deliver) => self.pending.push_back((deliver, true)),
+            ToConn::Deliver(deliver) => {
+                self.pending.push_back(deliver);
+                if self.shared.limits.quota.overflow == Overflow::DropOldest {
+                    self.trim_pending();
+                }
+            }
             ToConn::TakenOver => {
                 return Some(End::Abnormal(
                     "taken over by a new connection with the same client id".into(),
@@ -809,17 +824,19 @@ impl Conn {
     /// Encodes pending deliveries while the client's window and the output buffer have room.
     fn encode_pending(&mut self) {
         let mut counted = 0;
+        let mut counted_bytes = 0;
         while self.out.len() + self.staged.len() + self.gated_bytes < OUT_HIGH {
-            let Some((deliver, _)) = self.pending.front() else {
+            let Some(deliver) = self.pending.front() else {
                 break;
             };
             if deliver.qos > 0 && self.outgoing.len() >= self.shared.limits.max_inflight {
                 break;
             }
-            let Some((deliver, was_counted)) = self.pending.pop_front() else {
+            let Some(deliver) = self.pending.pop_front() else {
                 break;
             };
-            counted += was_counted as usize;
+            counted += 1;
+            counted_bytes += deliver.size();
             let pkid = if deliver.qos == 0 {
                 0
             } else {
@@ -856,7 +873,41 @@ impl Conn {
             }
         }
         if counted > 0 {
-            self.outbox.backlog.sent(counted);
+            self.outbox.backlog.sent(counted, counted_bytes);
+            if self.outbox.backlog.end_over(&self.shared.limits.quota) {
+                self.shared.store.stats().drops.recovered(&self.client);
+            }
+        }
+    }
+
+    /// With `--queue-overflow drop-oldest`: drops the oldest deliveries not encoded yet while the
+    /// backlog is over the quota (the router hands every message over; this is where the
+    /// quota takes effect). A dropped delivery the store holds for the session is dropped there
+    /// too, so that it is not sent after a reconnect either.
+    fn trim_pending(&mut self) {
+        let quota = self.shared.limits.quota;
+        let mut dropped = 0;
+        loop {
+            let (messages, bytes) = self.outbox.backlog.level();
+            if !quota.exceeded_by(messages, bytes) {
+                break;
+            }
+            let Some(deliver) = self.pending.pop_front() else {
+                break;
+            };
+            self.outbox.backlog.sent(1, deliver.size());
+            if deliver.stored {
+                self.ops.push(Op::DropQueued {
+                    client: self.client.clone(),
+                    msg: deliver.msg.id,
+                });
+            }
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.outbox.backlog.mark_over();
+            let drops = &self.shared.store.stats().drops;
+            drops.dropped(&self.client, dropped, &quota, false);
         }
     }
 

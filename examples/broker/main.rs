@@ -30,6 +30,7 @@ mod cli;
 mod connection;
 mod listener;
 mod outbox;
+mod quota;
 mod router;
 mod sessions;
 // Both are complete models (their tests use all of them); the broker uses most.
@@ -50,7 +51,8 @@ use parking_lot::Mutex;
 use crate::cli::Args;
 use crate::connection::{Limits, Shared, Stats};
 use crate::listener::{Listener, Socket};
-use crate::router::Router;
+use crate::quota::Quota;
+use crate::router::{Router, RouterConfig};
 use crate::sessions::Sessions;
 use crate::store::{StoreConfig, StoreStats};
 
@@ -95,14 +97,25 @@ async fn run(args: Args) -> i32 {
 
     let timeout = args.shutdown_timeout.0;
     let mut store_config = StoreConfig::new(&args.data_dir);
-    store_config.max_queued = args.max_queued as usize;
+    let quota = Quota {
+        messages: usize::try_from(args.max_queued).unwrap_or(usize::MAX),
+        bytes: args.max_queued_bytes,
+        overflow: args.queue_overflow,
+    };
+    store_config.quota = quota;
     store_config.fail_fsync = args.fail_fsync;
     let (store_spec, store) = store::spec("store", store_config);
     let store_stats = store.stats_handle();
     let router_store = store.clone();
-    let router = ChildSpec::worker("router", move || Router::new(router_store.clone()))
-        .depends_on("store")
-        .budget(timeout / 8);
+    let router_config = RouterConfig {
+        quota,
+        expiration: args.persistent_client_expiration.map(|e| e.0),
+    };
+    let router = ChildSpec::worker("router", move || {
+        Router::new(router_store.clone(), router_config)
+    })
+    .depends_on("store")
+    .budget(timeout / 8);
     let stats = Arc::new(Stats::default());
     let shared = Arc::new(Shared {
         router: router.addr(),
@@ -110,6 +123,7 @@ async fn run(args: Args) -> i32 {
         limits: Limits {
             max_packet_size: args.max_packet_size as usize,
             max_inflight: args.max_inflight as usize,
+            quota,
         },
         stats: stats.clone(),
     });
@@ -171,10 +185,21 @@ async fn run(args: Args) -> i32 {
 
     let report = handle.wait().await;
     log::info!(target: LOG, "shutdown report:\n{report}");
+    let drops = &store_stats.drops;
+    let (sessions_over, worst) = drops.worst(5);
+    if sessions_over > 0 {
+        let worst: Vec<String> = worst.iter().map(|(c, n)| format!("`{c}` {n}")).collect();
+        log::info!(
+            target: LOG,
+            "over their quota: {sessions_over} sessions lost {} messages (most: {})",
+            drops.total(),
+            worst.join(", ")
+        );
+    }
     log::info!(
         target: LOG,
         "closed {} connections, delivered {} messages during the drain, {} messages stored for \
-         offline sessions",
+         offline sessions, {} messages dropped for sessions over their quota, {} sessions expired",
         stats
             .closed_in_drain
             .load(std::sync::atomic::Ordering::Relaxed),
@@ -182,6 +207,8 @@ async fn run(args: Args) -> i32 {
             .delivered_in_drain
             .load(std::sync::atomic::Ordering::Relaxed),
         StoreStats::get(&store_stats.owed_at_close),
+        drops.total(),
+        StoreStats::get(&store_stats.expired),
     );
     report.exit_code()
 }

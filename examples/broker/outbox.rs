@@ -1,27 +1,38 @@
 //! The mailbox of one connection: what the router and the sessions supervisor send it, and the
-//! back-pressure gauge that lets the router slow publishers down when it reads too slowly.
+//! gauge of its backlog that the router reads to apply the session's quota and to pace
+//! publishers.
 //!
-//! The channel is unbounded on purpose — the router must never block or drop — and bounded in
-//! practice by the [`Backlog`]: each delivery counts until the connection has encoded it for its
-//! socket. When a subscriber's backlog passes [`HIGH_WATER`], the router holds back the reply to
-//! the publishers whose messages went there; a publisher's connection holds its further
-//! requests while its replies are held, and stops reading its socket once it holds a few hundred
-//! KiB of them (TCP then pushes back on the client). The subscriber wakes them when it is down to
-//! [`LOW_WATER`]. So the memory a slow subscriber costs is about `HIGH_WATER` plus what the
-//! publishers had in flight, never what they would like to send.
+//! The channel is unbounded on purpose — the router must never block — and bounded in practice
+//! by the [`Backlog`]: each delivery counts (one message, its topic and payload bytes) until the
+//! connection has encoded it for its socket. Two limits act on it:
+//!
+//! - **Pacing.** When a subscriber's backlog passes [`HIGH_WATER`], the router holds back the
+//!   reply to the publishers whose messages went there (their connections hold further requests
+//!   meanwhile, and stop reading their sockets once they hold a few hundred KiB), until the
+//!   subscriber is down to [`LOW_WATER`]. A subscriber that keeps up paces its publishers and
+//!   loses nothing. One that does not get there within [`HOLD_MAX`] is *slow*: it holds nobody
+//!   from then on, until it is down to `LOW_WATER` again (WARN once per episode, naming it). So
+//!   a client that stops reading costs each publisher at most `HOLD_MAX` once, not its traffic.
+//! - **Quota.** The session's [`Quota`](crate::quota::Quota) bounds the backlog in messages and
+//!   bytes; past it, the session loses messages (the router drops new ones, or the connection
+//!   its oldest unsent ones — counted and logged by [`Drops`](crate::quota::Drops)).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::quota::{self, Quota};
 use crate::store::{Message, Qos};
 
 /// A subscriber's backlog at which publishers to it are held back.
 pub const HIGH_WATER: usize = 1_000;
 /// The backlog at which they are let go again.
 pub const LOW_WATER: usize = HIGH_WATER / 2;
+/// The longest a publisher is held for one subscriber's backlog; past it the subscriber is slow
+/// and holds nobody until it is down to [`LOW_WATER`].
+pub const HOLD_MAX: Duration = Duration::from_millis(250);
 
 /// Which connection: a number unique for the broker process's life.
 pub type ConnId = u64;
@@ -37,6 +48,13 @@ pub struct Deliver {
     /// Queued in the store for this (persistent) session: the connection logs `Sent`,
     /// `Received` and `Completed` for it.
     pub stored: bool,
+}
+
+impl Deliver {
+    /// What it costs against the byte quota.
+    pub fn size(&self) -> u64 {
+        quota::size_of(&self.msg.topic, &self.msg.payload)
+    }
 }
 
 /// What a connection's task receives besides its socket.
@@ -57,24 +75,70 @@ pub enum ToConn {
 #[derive(Default)]
 pub struct Backlog {
     queued: AtomicUsize,
+    /// Topic and payload bytes of the queued deliveries.
+    bytes: AtomicU64,
     /// Someone waits for the backlog to fall (set by [`Backlog::below_low_water`]).
     waited_on: AtomicBool,
+    /// It kept a publisher waiting for [`HOLD_MAX`]: it holds nobody until it is down to
+    /// [`LOW_WATER`].
+    slow: AtomicBool,
+    /// Messages were dropped for it over its quota, and it has not recovered yet.
+    over: AtomicBool,
     /// The connection is gone: nobody should wait for it.
     closed: AtomicBool,
     drained: Notify,
 }
 
 impl Backlog {
-    pub fn add(&self, n: usize) -> usize {
-        self.queued.fetch_add(n, Ordering::AcqRel) + n
+    /// One more delivery of `size` bytes; returns the deliveries queued now.
+    pub fn add(&self, size: u64) -> usize {
+        self.bytes.fetch_add(size, Ordering::AcqRel);
+        self.queued.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    /// `n` deliveries were encoded for the socket.
-    pub fn sent(&self, n: usize) {
+    /// `n` deliveries of `bytes` in all were encoded for the socket (or dropped).
+    pub fn sent(&self, n: usize, bytes: u64) {
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
         let left = self.queued.fetch_sub(n, Ordering::AcqRel).saturating_sub(n);
-        if left <= LOW_WATER && self.waited_on.swap(false, Ordering::AcqRel) {
-            self.drained.notify_waiters();
+        if left <= LOW_WATER {
+            self.slow.store(false, Ordering::Release);
+            if self.waited_on.swap(false, Ordering::AcqRel) {
+                self.drained.notify_waiters();
+            }
         }
+    }
+
+    /// Messages and bytes queued now.
+    pub fn level(&self) -> (usize, u64) {
+        (
+            self.queued.load(Ordering::Acquire),
+            self.bytes.load(Ordering::Acquire),
+        )
+    }
+
+    /// Whether one more message of `size` fits in `quota`.
+    pub fn admits(&self, quota: &Quota, size: u64) -> bool {
+        let (messages, bytes) = self.level();
+        quota.admits(messages, bytes, size)
+    }
+
+    /// Whether publishers are held for it now (past the high-water mark and not slow).
+    fn congested(&self, queued: usize) -> bool {
+        queued > HIGH_WATER && !self.slow.load(Ordering::Acquire)
+    }
+
+    /// Marks an episode over the quota; true if one was not already under way.
+    pub fn mark_over(&self) -> bool {
+        !self.over.swap(true, Ordering::AcqRel)
+    }
+
+    /// Ends the episode over the quota if one is under way and the backlog is well within
+    /// `quota` again; true if it ended now.
+    pub fn end_over(&self, quota: &Quota) -> bool {
+        let (messages, bytes) = self.level();
+        self.over.load(Ordering::Acquire)
+            && quota.recovered(messages, bytes)
+            && self.over.swap(false, Ordering::AcqRel)
     }
 
     /// The connection ended: wake everyone waiting on it.
@@ -83,14 +147,28 @@ impl Backlog {
         self.drained.notify_waiters();
     }
 
-    /// Resolves once the backlog is at most [`LOW_WATER`] or the connection is gone.
-    pub async fn below_low_water(&self) {
+    /// Waits, at most [`HOLD_MAX`], for the backlog to be down to [`LOW_WATER`] (or the
+    /// connection gone, or marked slow by another publisher's wait). Returns true when this wait
+    /// ran out and marked it slow: the caller logs that once.
+    pub async fn hold(&self) -> bool {
+        if tokio::time::timeout(HOLD_MAX, self.below_low_water())
+            .await
+            .is_ok()
+        {
+            return false;
+        }
+        !self.slow.swap(true, Ordering::AcqRel)
+    }
+
+    /// Resolves once the backlog is at most [`LOW_WATER`], it is slow, or the connection is gone.
+    async fn below_low_water(&self) {
         loop {
             let notified = self.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.waited_on.store(true, Ordering::Release);
             if self.closed.load(Ordering::Acquire)
+                || self.slow.load(Ordering::Acquire)
                 || self.queued.load(Ordering::Acquire) <= LOW_WATER
             {
                 return;
@@ -119,11 +197,14 @@ impl Outbox {
         (outbox, rx)
     }
 
-    /// Hands a delivery over; returns whether the connection is congested now. A connection that
-    /// is gone loses it: if it was `stored`, the store still has it for the session.
+    /// Hands a delivery over; returns whether publishers should be held for this connection now.
+    /// A connection that is gone loses it: if it was `stored`, the store still has it for the
+    /// session.
     pub fn deliver(&self, deliver: Deliver) -> bool {
+        let size = deliver.size();
         if self.tx.send(ToConn::Deliver(deliver)).is_ok() {
-            self.backlog.add(1) > HIGH_WATER
+            let queued = self.backlog.add(size);
+            self.backlog.congested(queued)
         } else {
             false
         }

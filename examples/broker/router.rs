@@ -10,9 +10,19 @@
 //!
 //! **Acknowledging publishers.** [`Route`] answers once the publications are durable for every
 //! persistent session that gets them (the store's group commit), and once no connected subscriber
-//! they went to is above its high-water mark (see [`crate::outbox`]): the publisher's connection
-//! sends PUBACK / PUBREC only then, and holds its further requests while answers are outstanding
-//! (see [`crate::connection`]).
+//! they went to is above its high-water mark — waiting at most [`HOLD_MAX`] for each, so a
+//! subscriber that does not keep up paces nobody (see [`crate::outbox`]): the publisher's
+//! connection sends PUBACK / PUBREC only then, and holds its further requests while answers are
+//! outstanding (see [`crate::connection`]).
+//!
+//! **Quotas.** A connected session over its quota loses the new message (`drop-new`: it is
+//! neither handed to its connection nor queued in the store for it) or its connection drops its
+//! oldest unsent ones (`drop-oldest`); an offline one is held to it by the store. Nobody else's
+//! traffic is refused or held for it (see [`crate::quota`]).
+//!
+//! **Expiry.** With `--persistent-client-expiration`, a persistent session offline for longer
+//! is dropped on a timer, as a clean CONNECT would drop it; when it went offline is logged in the
+//! store ([`Op::LastSeen`]), so a restart does not give it a new lease.
 //!
 //! **Takeover.** A CONNECT for a client id that is connected closes the old connection first
 //! ([`ToConn::TakenOver`]); the new one is answered when the old one has reported
@@ -22,13 +32,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use actix_supervisor::{InFlight, Stopping, Worker};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use crate::outbox::{ConnId, Deliver, Outbox, ToConn};
+use crate::outbox::{ConnId, Deliver, Outbox, ToConn, HOLD_MAX};
+use crate::quota::{self, Drops, Overflow, Quota};
 use crate::store::{Delivery, Message, MsgId, Op, PacketId, Qos, State, StoreClient, StoreError};
 use crate::topic::{self, Subscriptions, TopicFilter, TopicName};
 
@@ -142,7 +154,20 @@ struct Parked {
 struct Loaded {
     next_id: MsgId,
     retained: Vec<Message>,
-    sessions: Vec<(String, Vec<(String, Qos)>)>,
+    sessions: Vec<StoredSession>,
+}
+
+/// A persistent session as the router loads it: its client id, its subscriptions, and when it
+/// was last seen connected.
+type StoredSession = (String, Vec<(String, Qos)>, Option<u64>);
+
+/// The router's share of the broker's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterConfig {
+    /// What may wait for one session (see [`crate::quota`]).
+    pub quota: Quota,
+    /// A persistent session offline longer than this is dropped (`None`: never).
+    pub expiration: Option<Duration>,
 }
 
 pub struct Router {
@@ -160,11 +185,20 @@ pub struct Router {
     me: Option<Addr<Router>>,
     /// Told to stop for a restart.
     restarting: bool,
+    config: RouterConfig,
+    quota: Quota,
+    drops: Arc<Drops>,
+    /// Persistent sessions not connected, and since when (Unix milliseconds): for expiry.
+    offline_since: HashMap<String, u64>,
 }
 
 impl Router {
-    pub fn new(store: StoreClient) -> Router {
+    pub fn new(store: StoreClient, config: RouterConfig) -> Router {
         Router {
+            drops: store.stats().drops.clone(),
+            quota: config.quota,
+            config,
+            offline_since: HashMap::new(),
             store,
             subscriptions: Subscriptions::new(),
             retained: BTreeMap::new(),
@@ -193,7 +227,12 @@ impl Router {
             }
         }
         let sessions = loaded.sessions.len();
-        for (client, filters) in loaded.sessions {
+        let now = unix_millis();
+        for (client, filters, last_seen) in loaded.sessions {
+            // Away since it was last seen, or — if that was never logged (its connection was
+            // cut by a crash) — from now.
+            self.offline_since
+                .insert(client.clone(), last_seen.unwrap_or(now));
             for (filter, qos) in filters {
                 match TopicFilter::parse(&filter) {
                     Ok(filter) => {
@@ -247,6 +286,7 @@ impl Router {
             outbox,
         } = connect;
         let existed = self.persistent.contains(&client);
+        self.offline_since.remove(&client);
         let mut ops = Vec::new();
         if clean {
             if existed {
@@ -295,48 +335,29 @@ impl Router {
         }));
     }
 
-    /// Routes publications; returns what to wait for before they may be acknowledged.
-    /// `from_client`: a client's PUBLISH packets, refused (from the first one on) when a QoS ≥ 1
-    /// publication would go to an offline session over its cap; a will is never refused.
-    fn route(
-        &mut self,
-        from: &str,
-        publications: Vec<Publication>,
-        from_client: bool,
-    ) -> Answer<()> {
+    /// Routes publications; returns what to wait for before they may be acknowledged: their
+    /// commit, and the subscribers they left congested (each for at most [`HOLD_MAX`]).
+    fn route(&mut self, from: &str, publications: Vec<Publication>) -> Answer<()> {
         let from_conn = self.online.get(from).map(|o| o.conn);
         let from_conn = from_conn.unwrap_or(ConnId::MAX);
         let mut ops = Vec::new();
         let mut must_wait = false;
-        let mut congested: Vec<Outbox> = Vec::new();
+        let mut congested: Vec<(String, Outbox)> = Vec::new();
         let from_persistent = self.persistent.contains(from);
-        let mut refused = None;
         for publication in publications {
             let qos = publication.qos;
             let pkid = publication.pkid;
-            if from_client {
-                if let Some(client) = self.over_cap_recipient(&publication) {
-                    let reason = format!(
-                        "PUBLISH to `{}` refused: session `{client}` is offline with --max-queued \
-                         QoS 1/2 messages queued",
-                        publication.topic.as_str()
-                    );
-                    log::warn!(target: LOG, "client `{from}`: {reason}");
-                    refused = Some(reason);
-                    // Not this one, nor those behind it: none is acknowledged.
-                    break;
-                }
-            }
             let (op, full) = self.route_one(publication);
             if let Some(op) = op {
                 must_wait |= qos > 0;
                 ops.push(op);
             }
-            for outbox in full {
+            for (client, outbox) in full {
                 // Never hold a publisher on its own backlog: its connection would hold the very
                 // requests behind which it might stop reading the acknowledgements that shrink it.
-                if outbox.conn != from_conn && !congested.iter().any(|o| o.conn == outbox.conn) {
-                    congested.push(outbox);
+                if outbox.conn != from_conn && !congested.iter().any(|(_, o)| o.conn == outbox.conn)
+                {
+                    congested.push((client, outbox));
                 }
             }
             // (A will has no packet id: nobody sends it again.)
@@ -363,36 +384,36 @@ impl Router {
             if let Some(committed) = committed {
                 committed.await?;
             }
-            if let Some(reason) = refused {
-                return Err(reason);
-            }
-            for outbox in congested {
-                outbox.backlog.below_low_water().await;
+            for (client, outbox) in congested {
+                if outbox.backlog.hold().await {
+                    log::warn!(
+                        target: LOG,
+                        "client `{client}` does not keep up ({} messages waiting for it after \
+                         {HOLD_MAX:?}): publishers are no longer held for it until it catches up",
+                        outbox.backlog.level().0
+                    );
+                }
             }
             Ok(())
         }))
     }
 
-    /// An offline persistent session over its cap that would get `publication` at QoS ≥ 1.
-    fn over_cap_recipient(&self, publication: &Publication) -> Option<String> {
-        if publication.qos == 0 || !self.store.any_over_cap() {
-            return None;
+    /// Whether a connected session takes one more message of `size` bytes. Over its quota with
+    /// [`Overflow::DropNew`], it does not: the message is dropped for it (counted, logged once
+    /// per episode) and for nobody else. With [`Overflow::DropOldest`] it always does: its
+    /// connection drops its oldest unsent messages instead.
+    fn admits(&self, client: &str, outbox: &Outbox, size: u64) -> bool {
+        if self.quota.overflow == Overflow::DropOldest || outbox.backlog.admits(&self.quota, size) {
+            return true;
         }
-        self.subscriptions
-            .route(&publication.topic)
-            .into_iter()
-            .filter(|(_, granted)| *granted > 0)
-            .map(|(client, _)| client)
-            .find(|client| {
-                !self.online.contains_key(client)
-                    && self.persistent.contains(client)
-                    && self.store.over_cap(client)
-            })
+        outbox.backlog.mark_over();
+        self.drops.dropped(client, 1, &self.quota, false);
+        false
     }
 
     /// Hands one publication to its connected subscribers; returns the store op it needs (if
     /// any) and the subscribers it left congested.
-    fn route_one(&mut self, publication: Publication) -> (Option<Op>, Vec<Outbox>) {
+    fn route_one(&mut self, publication: Publication) -> (Option<Op>, Vec<(String, Outbox)>) {
         let id = self.next_id;
         self.next_id += 1;
         let Publication {
@@ -402,6 +423,7 @@ impl Router {
             retain,
             ..
         } = publication;
+        let size = quota::size_of(topic.as_str(), &payload);
         let msg = Arc::new(Message {
             id,
             topic: topic.as_str().to_owned(),
@@ -421,6 +443,11 @@ impl Router {
         for (client, granted) in self.subscriptions.route(&topic) {
             let qos = granted.min(qos);
             let online = self.online.get(&client);
+            if let Some(online) = online {
+                if !self.admits(&client, &online.outbox, size) {
+                    continue;
+                }
+            }
             let stored = self.persistent.contains(&client) && (qos > 0 || online.is_none());
             if stored {
                 to.push(Delivery {
@@ -436,7 +463,7 @@ impl Router {
                     stored,
                 };
                 if online.outbox.deliver(deliver) {
-                    congested.push(online.outbox.clone());
+                    congested.push((client, online.outbox.clone()));
                 }
             }
         }
@@ -467,6 +494,13 @@ impl Router {
         }
         if let Some(online) = self.online.get(&client) {
             for (msg, qos) in retained {
+                if !self.admits(
+                    &client,
+                    &online.outbox,
+                    quota::size_of(&msg.topic, &msg.payload),
+                ) {
+                    continue;
+                }
                 let stored = persistent && qos > 0;
                 if stored {
                     ops.push(Op::Enqueue {
@@ -545,6 +579,16 @@ impl Router {
                     self.subscriptions.remove_client(&client);
                 } else {
                     self.store.set_online(&client, false);
+                    let at = unix_millis();
+                    self.offline_since.insert(client.clone(), at);
+                    // Logged so that expiry survives a restart; nobody waits for it.
+                    let logged = self.commit_checked(vec![Op::LastSeen {
+                        client: client.clone(),
+                        at,
+                    }]);
+                    actix::spawn(self.work.track(async move {
+                        let _ = logged.await;
+                    }));
                 }
             }
             _ => {}
@@ -560,7 +604,6 @@ impl Router {
                     retain: will.retain,
                     pkid: 0,
                 }],
-                false,
             );
             // Nobody to acknowledge; the work is tracked so the drain waits for it.
             actix::spawn(async move {
@@ -570,6 +613,47 @@ impl Router {
             });
         }
         self.resume_parked();
+    }
+
+    /// Drops the persistent sessions offline for longer than `expiration`
+    /// (`--persistent-client-expiration`), as a clean CONNECT would.
+    fn expire(&mut self, expiration: Duration) {
+        let now = unix_millis();
+        let limit = u64::try_from(expiration.as_millis()).unwrap_or(u64::MAX);
+        let expired: Vec<String> = self
+            .offline_since
+            .iter()
+            .filter(|(client, since)| {
+                now.saturating_sub(**since) >= limit
+                    && !self.online.contains_key(*client)
+                    && !self.parked.contains_key(*client)
+            })
+            .map(|(client, _)| client.clone())
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        let mut ops = Vec::with_capacity(expired.len());
+        for client in expired {
+            let away = now.saturating_sub(self.offline_since.remove(&client).unwrap_or(now));
+            self.subscriptions.remove_client(&client);
+            self.persistent.remove(&client);
+            log::info!(
+                target: LOG,
+                "session `{client}` expired: offline for {:?}, more than \
+                 --persistent-client-expiration {expiration:?}",
+                Duration::from_millis(away)
+            );
+            ops.push(Op::DropSession { client });
+        }
+        self.store
+            .stats()
+            .expired
+            .fetch_add(ops.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let committed = self.commit_checked(ops);
+        actix::spawn(self.work.track(async move {
+            let _ = committed.await;
+        }));
     }
 
     /// Answers CONNECTs whose takeover has completed.
@@ -639,6 +723,13 @@ fn restore(state: &State, client: &str) -> Restored {
     }
 }
 
+/// Now, in milliseconds since the Unix epoch (0 if the clock is before it).
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn store_failed(e: StoreError) -> RouteError {
     format!("the store failed: {e}")
 }
@@ -674,10 +765,15 @@ impl Actor for Router {
                         .iter()
                         .map(|(f, q)| (f.clone(), *q))
                         .collect();
-                    (client.to_owned(), filters)
+                    (client.to_owned(), filters, state.last_seen(client))
                 })
                 .collect(),
         });
+        if let Some(expiration) = self.config.expiration {
+            // Often enough that a session goes within a quarter of its expiration of its time.
+            let every = (expiration / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+            ctx.run_interval(every, move |router, _| router.expire(expiration));
+        }
         ctx.wait(
             read.into_actor(self)
                 .map(|loaded, router, ctx| match loaded {
@@ -723,7 +819,7 @@ impl Handler<Route> for Router {
     type Result = ();
 
     fn handle(&mut self, route: Route, _: &mut Context<Self>) {
-        let answer = self.route(&route.from, route.publications, true);
+        let answer = self.route(&route.from, route.publications);
         let reply = route.reply;
         actix::spawn(async move {
             let _ = reply.send(answer.await);

@@ -11,25 +11,28 @@
 //! topic that holds it, with a reference count: a message for 100 offline sessions is one body
 //! on disk and in memory, freed when its last reference goes.
 //!
-//! **The log records effects, not decisions.** The one policy, the per-session cap
-//! (`max_queued`), is applied *before* writing, by [`State::admit`]: it turns a publication into
-//! the ops that carry it out (`DropQueued` for each QoS 0 entry pushed out, then the `Publish`
-//! with the recipients that still get it) or rejects it as [`Rejection::Full`]. Only the result
-//! is logged, so replay does not depend on the cap the broker runs with today.
+//! **The log records effects, not decisions.** The one policy, the per-session quota
+//! ([`Quota`]: messages and bytes waiting, and what a session over it loses), is applied *before*
+//! writing, by [`State::admit`]: it turns a publication into the ops that carry it out
+//! (`DropQueued` for each waiting entry pushed out, then the `Publish` with the recipients that
+//! still get it). Only the result is logged, so replay does not depend on the quota the broker
+//! runs with today.
 //!
-//! **Full queues.** When a session's queue is at the cap, the oldest QoS 0 entry (already queued,
-//! or earlier in the same publication) makes room; a new QoS 0 message with no older QoS 0 entry
-//! to displace is itself dropped. Each drop is counted ([`StoreStats::dropped_qos0`]) and logged
-//! (WARN when a session's running count reaches 1, 2, 4, 8, …, so an overloaded session cannot
-//! flood the log; every drop at DEBUG). A queue full of QoS ≥ 1 entries is never trimmed: those
-//! messages were acknowledged to their publishers. [`State::admit`] rejects a new QoS ≥ 1 message
-//! for it as [`Rejection::Full`], naming the full sessions; the [`Store`] then queues it over the
-//! cap all the same (it may be acknowledged already) and marks those sessions
-//! ([`StoreStats::over_cap`], WARN), and the router refuses QoS ≥ 1 publications for them from
-//! then on: their publishers are not acknowledged, so nothing acknowledged is ever dropped. The
-//! cap is for *offline* sessions: a connected one ([`StoreClient::set_online`]) has none, because
-//! the broker bounds its queue by flow control instead (it holds the publishers' answers, and so
-//! their sockets), and an entry it was handed must stay until acknowledged.
+//! **Full queues.** When a new entry would take a session's queue over its quota, the oldest QoS 0
+//! entry (already queued, or earlier in the same publication) makes room; a new QoS 0 message
+//! with no older QoS 0 entry to displace is itself dropped. With no QoS 0 entry left, the quota's
+//! [`Overflow`] decides: the new message is not queued for that session, or its oldest entries go.
+//! A message bigger than the byte quota is never queued. Either way only that session loses
+//! messages: a session over its quota never refuses or holds a publisher, whose other recipients
+//! get the message as usual. Each loss is counted and logged once per episode, naming the session
+//! ([`Drops`], shared with the router and the connections, which apply the same quota to
+//! connected sessions). The quota is for *offline* sessions: a connected one
+//! ([`StoreClient::set_online`]) has none here, because its connection applies the quota to what
+//! it has not sent yet, and an entry it was handed must stay until acknowledged.
+//!
+//! **Expiry.** When a persistent session goes offline the router logs the time ([`Op::LastSeen`]),
+//! so a session that stays away longer than `--persistent-client-expiration` is dropped however
+//! often the broker restarts meanwhile.
 //!
 //! **A rejected op** is a broker bug (the ops contradict the state). The request stops there —
 //! what follows may depend on it (the packet id of a QoS 2 message whose publication was
@@ -91,7 +94,7 @@
 //! disk, so it refuses every later request with the error, and the broker decides (normally:
 //! shut down; a restart recovers from what is on disk).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::future::Future;
@@ -107,6 +110,8 @@ use actix_supervisor::{BlockingAddr, BlockingSpec, BlockingWorker, ChildSpec};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+
+use crate::quota::{self, Drops, Overflow, Quota};
 
 /// The log target of everything the store says.
 const LOG: &str = "broker::store";
@@ -245,6 +250,10 @@ pub struct State {
     retained: BTreeMap<String, MsgId>,
     /// Above every message id ever applied.
     next_message_id: MsgId,
+    /// Per session, what the quota looks at in its queue. Derived from the queues, never logged.
+    waiting: BTreeMap<String, Waiting>,
+    /// When a session was last seen connected (Unix milliseconds), for expiry.
+    last_seen: BTreeMap<String, u64>,
 }
 
 /// A change to the [`State`]: what one log record holds a list of.
@@ -279,8 +288,9 @@ pub enum Op {
         qos: Qos,
         retain: bool,
     },
-    /// Removes the oldest QoS 0 entry for `msg` from the session's queue: a drop when the queue
-    /// was full (written by [`State::admit`]).
+    /// Removes a queue entry for `msg` from the session's queue — its oldest QoS 0 entry for
+    /// `msg` if it has one, else its oldest — a drop for a session over its quota (written by
+    /// [`State::admit`], or by a connection trimming what it has not sent).
     DropQueued { client: String, msg: MsgId },
     /// The oldest queue entry for `msg` was sent: a QoS 0 entry is done; a QoS 1/2 entry is now in
     /// flight under `pkid` (ignored for QoS 0), awaiting PUBACK or PUBREC.
@@ -308,6 +318,9 @@ pub enum Op {
     Retained { msg: MsgId },
     /// Snapshot: a whole session (replacing any of that name); its bodies come before it.
     Session { client: String, session: Session },
+    /// The session went offline at `at` (Unix milliseconds); its expiry counts from there. Also
+    /// a snapshot op, after the session it names.
+    LastSeen { client: String, at: u64 },
 }
 
 /// Why an op does not apply to the state. Applying it changed nothing.
@@ -373,21 +386,12 @@ impl std::error::Error for ApplyError {}
 /// What [`State::admit`] made of one requested op.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Admitted {
-    /// The ops to apply and log, in order (empty when the op came to nothing, e.g. a QoS 0
-    /// message whose only recipient had no room).
+    /// The ops to apply and log, in order (empty when the op came to nothing, e.g. a message
+    /// whose only recipient had no room).
     pub ops: Vec<Op>,
-    /// QoS 0 messages dropped per session to make room (queued ones and new ones).
+    /// Messages dropped per session over its quota (waiting ones pushed out, or new ones not
+    /// queued).
     pub dropped: Vec<(String, usize)>,
-}
-
-/// Why [`State::admit`] refused an op. Nothing of it was applied.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Rejection {
-    /// These sessions' queues are at the cap with QoS ≥ 1 entries only, which are never dropped:
-    /// the broker must hold the publisher back (or leave these recipients out).
-    Full { clients: Vec<String> },
-    /// The op contradicts the state (a broker bug, or a request for a session that is gone).
-    Invalid(ApplyError),
 }
 
 /// A packet id about to be taken: not zero, not `in_use`.
@@ -419,6 +423,38 @@ fn hold(messages: &mut BTreeMap<MsgId, Body>, id: MsgId) {
     if let Some(body) = messages.get_mut(&id) {
         body.refs += 1;
     }
+}
+
+/// What a stored body costs against the byte quota (0 if it is not stored).
+fn body_size(messages: &BTreeMap<MsgId, Body>, id: MsgId) -> u64 {
+    messages
+        .get(&id)
+        .map_or(0, |b| quota::size_of(&b.msg.topic, &b.msg.payload))
+}
+
+/// What the quota looks at in one session's queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Waiting {
+    /// Topic and payload bytes of the entries.
+    bytes: u64,
+    /// Entries at QoS 0: the first to go when room is needed (none: no need to look for one).
+    qos0: usize,
+}
+
+impl Waiting {
+    fn add(&mut self, size: u64, qos: Qos) {
+        self.bytes += size;
+        self.qos0 += usize::from(qos == 0);
+    }
+
+    fn remove(&mut self, size: u64, qos: Qos) {
+        self.bytes = self.bytes.saturating_sub(size);
+        self.qos0 = self.qos0.saturating_sub(usize::from(qos == 0));
+    }
+}
+
+fn waiting_mut<'a>(waiting: &'a mut BTreeMap<String, Waiting>, client: &str) -> &'a mut Waiting {
+    waiting.entry(client.to_owned()).or_default()
 }
 
 /// Drops a reference to a stored body, and the body with its last one.
@@ -465,6 +501,16 @@ impl State {
     /// Every retained message, by topic.
     pub fn all_retained(&self) -> impl Iterator<Item = &Message> {
         self.retained.values().filter_map(|id| self.message(*id))
+    }
+
+    /// The bytes of `client`'s queue, as the byte quota counts them.
+    pub fn queued_bytes(&self, client: &str) -> u64 {
+        self.waiting.get(client).map_or(0, |w| w.bytes)
+    }
+
+    /// When `client`'s session was last seen connected (Unix milliseconds), if that was logged.
+    pub fn last_seen(&self, client: &str) -> Option<u64> {
+        self.last_seen.get(client).copied()
     }
 
     /// The first message id never used: the broker's id counter starts here after a restart.
@@ -521,7 +567,7 @@ impl State {
             }
             Op::DropQueued { client, msg } => {
                 let session = self.session_of(client)?;
-                if session.queue.iter().any(|q| q.msg == *msg && q.qos == 0) {
+                if session.queue.iter().any(|q| q.msg == *msg) {
                     Ok(())
                 } else {
                     Err(ApplyError::NotQueued {
@@ -600,6 +646,7 @@ impl State {
                 }
                 Ok(())
             }
+            Op::LastSeen { client, .. } => self.session_of(client).map(drop),
         }
     }
 
@@ -616,6 +663,8 @@ impl State {
                 if let Some(session) = sessions.remove(client) {
                     session.references().for_each(|id| release(messages, id));
                 }
+                self.waiting.remove(client);
+                self.last_seen.remove(client);
             }
             Op::Subscribe {
                 client,
@@ -645,6 +694,7 @@ impl State {
                         release(messages, previous);
                     }
                 }
+                let size = quota::size_of(&msg.topic, &msg.payload);
                 for d in to {
                     if let Some(s) = sessions.get_mut(&d.client) {
                         s.queue.push_back(Queued {
@@ -653,6 +703,7 @@ impl State {
                             retain: false,
                         });
                         refs += 1;
+                        waiting_mut(&mut self.waiting, &d.client).add(size, d.qos);
                     }
                 }
                 if refs > 0 {
@@ -673,13 +724,18 @@ impl State {
                         retain: *retain,
                     });
                     hold(messages, *msg);
+                    waiting_mut(&mut self.waiting, client).add(body_size(messages, *msg), *qos);
                 }
             }
             Op::DropQueued { client, msg } => {
                 if let Some(s) = sessions.get_mut(client) {
-                    if let Some(i) = s.queue.iter().position(|q| q.msg == *msg && q.qos == 0) {
-                        s.queue.remove(i);
-                        release(messages, *msg);
+                    let qos0 = s.queue.iter().position(|q| q.msg == *msg && q.qos == 0);
+                    if let Some(i) = qos0.or_else(|| s.queue.iter().position(|q| q.msg == *msg)) {
+                        if let Some(entry) = s.queue.remove(i) {
+                            let size = body_size(messages, *msg);
+                            waiting_mut(&mut self.waiting, client).remove(size, entry.qos);
+                            release(messages, *msg);
+                        }
                     }
                 }
             }
@@ -691,6 +747,8 @@ impl State {
                     let Some(entry) = s.queue.remove(i) else {
                         return;
                     };
+                    let size = body_size(messages, *msg);
+                    waiting_mut(&mut self.waiting, client).remove(size, entry.qos);
                     if entry.qos == 0 {
                         release(messages, *msg);
                     } else {
@@ -753,9 +811,17 @@ impl State {
             Op::Session { client, session } => {
                 // Hold the new references before releasing the old ones, which may be the same.
                 session.references().for_each(|id| hold(messages, id));
+                let mut waiting = Waiting::default();
+                for q in &session.queue {
+                    waiting.add(body_size(messages, q.msg), q.qos);
+                }
+                self.waiting.insert(client.clone(), waiting);
                 if let Some(old) = sessions.insert(client.clone(), session.clone()) {
                     old.references().for_each(|id| release(messages, id));
                 }
+            }
+            Op::LastSeen { client, at } => {
+                self.last_seen.insert(client.clone(), *at);
             }
         }
     }
@@ -769,26 +835,31 @@ impl State {
         before - self.messages.len()
     }
 
-    // --- the cap -------------------------------------------------------------------------------
+    // --- the quota -----------------------------------------------------------------------------
 
-    /// Turns a requested op into the ops that carry it out under the per-session cap
-    /// `max_queued` (see the module docs): `Publish` and `Enqueue` may push out QoS 0 entries
-    /// (`DropQueued` ops before them, fewer recipients in them) or be rejected as
-    /// [`Rejection::Full`]; every other op passes as it is. Changes nothing itself.
-    pub fn admit(&self, op: Op, max_queued: usize) -> Result<Admitted, Rejection> {
-        self.admit_with(op, &|_| max_queued)
+    /// Turns a requested op into the ops that carry it out under the per-session `quota` (see
+    /// the module docs): `Publish` and `Enqueue` may push out waiting entries (`DropQueued` ops
+    /// before them) or leave out recipients over their quota; every other op passes as it is.
+    /// Changes nothing itself; fails only for an op that does not apply.
+    pub fn admit(&self, op: Op, quota: &Quota) -> Result<Admitted, ApplyError> {
+        self.admit_with(op, &|_| *quota)
     }
 
-    /// [`admit`](Self::admit) with a cap per session: `cap(client)` entries. The broker gives a
-    /// connected session no cap: its queue is bounded by flow control (the broker holds the
-    /// publishers back), and what it was sent must stay queued until it is acknowledged.
-    pub fn admit_with(&self, op: Op, cap: &dyn Fn(&str) -> usize) -> Result<Admitted, Rejection> {
-        self.check(&op).map_err(Rejection::Invalid)?;
+    /// [`admit`](Self::admit) with a quota per session. The broker gives a connected session no
+    /// quota here: its connection applies it to what it has not sent, and what it was handed
+    /// must stay queued until it is acknowledged.
+    pub fn admit_with(
+        &self,
+        op: Op,
+        quota: &dyn Fn(&str) -> Quota,
+    ) -> Result<Admitted, ApplyError> {
+        self.check(&op)?;
         match op {
             Op::Publish { msg, to } => {
                 let wanted: Vec<(&str, Qos)> =
                     to.iter().map(|d| (d.client.as_str(), d.qos)).collect();
-                let room = self.make_room(&wanted, cap)?;
+                let size = quota::size_of(&msg.topic, &msg.payload);
+                let room = self.make_room(&wanted, size, quota);
                 let to: Vec<Delivery> = to
                     .into_iter()
                     .zip(&room.keep)
@@ -810,7 +881,8 @@ impl State {
                 qos,
                 retain,
             } => {
-                let room = self.make_room(&[(client.as_str(), qos)], cap)?;
+                let size = body_size(&self.messages, msg);
+                let room = self.make_room(&[(client.as_str(), qos)], size, quota);
                 let mut ops = room.drops;
                 if room.keep[0] {
                     ops.push(Op::Enqueue {
@@ -832,17 +904,12 @@ impl State {
         }
     }
 
-    /// Decides, for new queue entries (`(client, qos)`, in order), which are kept and which
-    /// queued QoS 0 entries go to make room.
-    fn make_room(
-        &self,
-        wanted: &[(&str, Qos)],
-        cap: &dyn Fn(&str) -> usize,
-    ) -> Result<Room, Rejection> {
+    /// Decides, for new queue entries of one message of `size` bytes (`(client, qos)`, in
+    /// order), which are kept and which waiting entries go to make room.
+    fn make_room(&self, wanted: &[(&str, Qos)], size: u64, quota: &dyn Fn(&str) -> Quota) -> Room {
         let mut keep = vec![true; wanted.len()];
         let mut drops = Vec::new();
         let mut dropped = Vec::new();
-        let mut full = Vec::new();
         let mut by_client: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, (client, _)) in wanted.iter().enumerate() {
             by_client.entry(client).or_default().push(i);
@@ -851,51 +918,70 @@ impl State {
             let Some(session) = self.sessions.get(client) else {
                 continue; // `check` rejected the op already
             };
-            let max_queued = cap(client);
-            let mut len = session.queue.len();
-            // Candidates for dropping, oldest first: QoS 0 entries already queued, then the new
-            // QoS 0 entries kept so far.
-            let mut queued_qos0 = session.queue.iter().filter(|q| q.qos == 0);
-            let mut new_qos0 = VecDeque::new();
+            let quota = quota(client);
+            let waiting = self.waiting.get(client).copied().unwrap_or_default();
+            let mut queue = Backlog {
+                queue: &session.queue,
+                gone: vec![false; session.queue.len()],
+                len: session.queue.len(),
+                bytes: waiting.bytes,
+                qos0: waiting.qos0,
+            };
+            // The new entries kept so far, oldest first, and which of them are QoS 0.
+            let mut kept: VecDeque<usize> = VecDeque::new();
             let mut count = 0;
             for i in entries {
                 let qos = wanted[i].1;
-                if len < max_queued {
-                    len += 1;
-                } else if let Some(oldest) = queued_qos0.next() {
-                    drops.push(Op::DropQueued {
-                        client: client.to_owned(),
-                        msg: oldest.msg,
-                    });
+                let mut fits = size <= quota.bytes && quota.messages > 0;
+                while fits && !quota.admits(queue.len, queue.bytes, size) {
+                    // Room is made by the oldest QoS 0 entry, waiting or new; then by the policy.
+                    let new_qos0 = kept.iter().position(|&j| wanted[j].1 == 0);
+                    let waiting_qos0 = (queue.qos0 > 0)
+                        .then(|| queue.oldest(|q| q.qos == 0))
+                        .flatten();
+                    if let Some(victim) = waiting_qos0 {
+                        drops.push(queue.drop(client, victim, &self.messages));
+                    } else if let Some(at) = new_qos0 {
+                        if let Some(j) = kept.remove(at) {
+                            keep[j] = false;
+                            queue.len -= 1;
+                            queue.bytes -= size;
+                        }
+                    } else if qos == 0 || quota.overflow == Overflow::DropNew {
+                        fits = false;
+                    } else if let Some(victim) = queue.oldest(|_| true) {
+                        drops.push(queue.drop(client, victim, &self.messages));
+                    } else if let Some(j) = kept.pop_front() {
+                        keep[j] = false;
+                        queue.len -= 1;
+                        queue.bytes -= size;
+                    } else {
+                        fits = false;
+                    }
                     count += 1;
-                } else if let Some(oldest) = new_qos0.pop_front() {
-                    keep[oldest] = false;
-                    count += 1;
-                } else if qos == 0 {
-                    // No older QoS 0 entry: this one is the oldest.
-                    keep[i] = false;
-                    count += 1;
-                    continue;
-                } else {
-                    full.push(client.to_owned());
-                    break;
                 }
-                if qos == 0 {
-                    new_qos0.push_back(i);
+                if fits {
+                    queue.len += 1;
+                    queue.bytes += size;
+                    kept.push_back(i);
+                } else {
+                    keep[i] = false;
+                    // Counted in the loop when it gave up there; counted here when it never
+                    // could fit.
+                    if size > quota.bytes || quota.messages == 0 {
+                        count += 1;
+                    }
                 }
             }
             if count > 0 {
                 dropped.push((client.to_owned(), count));
             }
         }
-        if !full.is_empty() {
-            return Err(Rejection::Full { clients: full });
-        }
-        Ok(Room {
+        Room {
             keep,
             drops,
             dropped,
-        })
+        }
     }
 
     // --- snapshots -----------------------------------------------------------------------------
@@ -913,7 +999,14 @@ impl State {
             client: client.clone(),
             session: session.clone(),
         });
-        next.chain(bodies).chain(retained).chain(sessions)
+        let last_seen = self.last_seen.iter().map(|(client, at)| Op::LastSeen {
+            client: client.clone(),
+            at: *at,
+        });
+        next.chain(bodies)
+            .chain(retained)
+            .chain(sessions)
+            .chain(last_seen)
     }
 }
 
@@ -923,6 +1016,37 @@ struct Room {
     keep: Vec<bool>,
     drops: Vec<Op>,
     dropped: Vec<(String, usize)>,
+}
+
+/// One session's queue as [`State::make_room`] trims it: which waiting entries it has chosen
+/// to drop, and the size of what is left.
+struct Backlog<'a> {
+    queue: &'a VecDeque<Queued>,
+    gone: Vec<bool>,
+    len: usize,
+    bytes: u64,
+    /// QoS 0 entries left among the waiting ones.
+    qos0: usize,
+}
+
+impl Backlog<'_> {
+    /// The oldest waiting entry not dropped yet that `pick` accepts.
+    fn oldest(&self, pick: impl Fn(&Queued) -> bool) -> Option<usize> {
+        (0..self.queue.len()).find(|&i| !self.gone[i] && pick(&self.queue[i]))
+    }
+
+    /// Drops waiting entry `i`, returning the op that says so.
+    fn drop(&mut self, client: &str, i: usize, messages: &BTreeMap<MsgId, Body>) -> Op {
+        let msg = self.queue[i].msg;
+        self.gone[i] = true;
+        self.len -= 1;
+        self.qos0 -= usize::from(self.queue[i].qos == 0);
+        self.bytes = self.bytes.saturating_sub(body_size(messages, msg));
+        Op::DropQueued {
+            client: client.to_owned(),
+            msg,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -999,8 +1123,8 @@ fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) 
 pub struct StoreConfig {
     /// The data directory (created if missing).
     pub dir: PathBuf,
-    /// Per session: the most messages queued (owed, not sent). At least 1.
-    pub max_queued: usize,
+    /// What may wait for an offline session, and what it loses past that.
+    pub quota: Quota,
     /// Compact only logs at least this big.
     pub compact_min_bytes: u64,
     /// Compact when the log is this many times the size of the last snapshot.
@@ -1019,7 +1143,11 @@ impl StoreConfig {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         StoreConfig {
             dir: dir.into(),
-            max_queued: 1000,
+            quota: Quota {
+                messages: 1000,
+                bytes: 64 << 20,
+                overflow: Overflow::DropNew,
+            },
             compact_min_bytes: 16 << 20,
             compact_ratio: 4,
             lock_wait: Duration::from_secs(3),
@@ -1029,9 +1157,8 @@ impl StoreConfig {
     }
 }
 
-/// Counters of what the store did, and which sessions are over their cap: shared with whoever
-/// watches it (and across restarts of the worker, since the spec's factory hands the same
-/// counters to every instance).
+/// Counters of what the store did: shared with whoever watches it (and across restarts of the
+/// worker, since the spec's factory hands the same counters to every instance).
 #[derive(Debug, Default)]
 pub struct StoreStats {
     /// `fsync`s of appended records: one per batch.
@@ -1039,15 +1166,11 @@ pub struct StoreStats {
     /// Commit records appended (one per request that changed something).
     pub records: AtomicU64,
     pub compactions: AtomicU64,
-    /// QoS 0 messages dropped from full queues.
-    pub dropped_qos0: AtomicU64,
-    /// QoS 1/2 messages queued over an offline session's cap (they were on their way when it
-    /// filled up).
-    pub queued_over_cap: AtomicU64,
-    /// Offline sessions at their cap with nothing but QoS 1/2 messages queued: marked by the
-    /// store when it queues one over the cap, unmarked when the session connects. The router
-    /// refuses QoS 1/2 publications for them.
-    pub over_cap: parking_lot::Mutex<HashSet<String>>,
+    /// Messages dropped for sessions over their quota: by the store for offline sessions, by
+    /// the router and the connections for connected ones (they share it).
+    pub drops: Arc<Drops>,
+    /// Persistent sessions dropped after `--persistent-client-expiration` (by the router).
+    pub expired: AtomicU64,
     /// Messages owed to persistent sessions (queued or unacknowledged) when the store closed.
     pub owed_at_close: AtomicU64,
     /// Bytes cut from a torn or corrupt tail at open.
@@ -1068,14 +1191,14 @@ pub struct Commit {
     pub applied: usize,
     /// The first op refused, by index; the ops after it were not tried.
     pub rejected: Option<Rejected>,
-    /// QoS 0 messages dropped to make room.
+    /// Messages dropped for sessions over their quota.
     pub dropped: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejected {
     pub index: usize,
-    pub reason: Rejection,
+    pub reason: ApplyError,
 }
 
 /// The state and the log it is kept in. Used by one thread (the [`StoreWorker`]'s).
@@ -1093,8 +1216,6 @@ pub struct Store {
     staged: Vec<u8>,
     /// The log's size after the last compaction, or at open: the compaction rule's base.
     base: u64,
-    /// QoS 0 messages dropped per session since the store opened (for the log lines).
-    drops: HashMap<String, u64>,
     /// Sessions with a connection now: no cap for them (see [`State::admit_with`]). Not logged:
     /// after a restart nobody is connected.
     online: HashSet<String>,
@@ -1199,7 +1320,6 @@ impl Store {
             len: replayed.valid_len,
             staged: Vec::new(),
             base: replayed.valid_len,
-            drops: HashMap::new(),
             online: HashSet::new(),
             stats,
             poisoned: None,
@@ -1281,13 +1401,13 @@ impl Store {
                 if let Err(e) = self.state.apply(op) {
                     return Err(self.poison(StoreError::Inconsistent(e)));
                 }
-                if let Op::DropSession { client } = op {
-                    self.drops.remove(client);
-                }
             }
             for (client, count) in &admitted.dropped {
                 commit.dropped += count;
-                self.note_drops(client, *count);
+                let quota = self.config.quota;
+                self.stats
+                    .drops
+                    .dropped(client, *count as u64, &quota, true);
             }
             effects.extend(admitted.ops);
             commit.applied += 1;
@@ -1302,84 +1422,30 @@ impl Store {
         Ok(commit)
     }
 
-    /// Marks a session connected (no cap on its queue) or not. Requests are handled in order, so
-    /// this applies to every commit the broker sends after it.
+    /// Marks a session connected (no quota on its queue here) or not. Requests are handled in
+    /// order, so this applies to every commit the broker sends after it.
     pub fn set_online(&mut self, client: &str, online: bool) {
         if online {
             self.online.insert(client.to_owned());
-            // Connected, it is uncapped; offline again, its queue is what it left behind.
-            self.stats.over_cap.lock().remove(client);
+            // An episode over the quota ends when the session comes for what it is owed.
+            self.stats.drops.recovered(client);
         } else {
             self.online.remove(client);
         }
     }
 
-    /// [`State::admit_with`] under the broker's policy: connected sessions have no cap, offline
-    /// ones `max_queued`. A QoS ≥ 1 message for an offline session whose queue is full of QoS ≥ 1
-    /// entries is queued anyway, over the cap: it may have been acknowledged to its publisher
-    /// already (the router routes before the store answers), and an acknowledged message is
-    /// never dropped. The session is then marked over its cap ([`StoreStats::over_cap`]), and the
-    /// router refuses further QoS ≥ 1 publications for it until it connects, so the overshoot is
-    /// only what was already on its way (see [`crate::router`]).
-    fn admit(&self, op: Op) -> Result<Admitted, Rejection> {
-        let max = self.config.max_queued;
+    /// [`State::admit_with`] under the broker's policy: connected sessions have no quota here
+    /// (their connections apply it), offline ones the configured one.
+    fn admit(&self, op: Op) -> Result<Admitted, ApplyError> {
+        let quota = self.config.quota;
         let online = &self.online;
-        let cap = |client: &str| {
+        self.state.admit_with(op, &|client: &str| {
             if online.contains(client) {
-                usize::MAX
+                Quota::UNLIMITED
             } else {
-                max
+                quota
             }
-        };
-        match self.state.admit_with(op.clone(), &cap) {
-            Err(Rejection::Full { clients }) => {
-                let over = |client: &str| {
-                    if clients.iter().any(|c| c == client) {
-                        usize::MAX
-                    } else {
-                        cap(client)
-                    }
-                };
-                let admitted = self.state.admit_with(op, &over)?;
-                let mut marked = self.stats.over_cap.lock();
-                for client in clients {
-                    self.stats.queued_over_cap.fetch_add(1, Ordering::Relaxed);
-                    if marked.insert(client.clone()) {
-                        log::warn!(
-                            target: LOG,
-                            "session `{client}` is offline with {max} QoS 1/2 messages queued \
-                             (--max-queued): QoS 1/2 publications for it are refused until it \
-                             connects"
-                        );
-                    }
-                }
-                Ok(admitted)
-            }
-            other => other,
-        }
-    }
-
-    fn note_drops(&mut self, client: &str, count: usize) {
-        let count = count as u64;
-        self.stats.dropped_qos0.fetch_add(count, Ordering::Relaxed);
-        let total = self.drops.entry(client.to_owned()).or_default();
-        let before = *total;
-        *total += count;
-        let total = *total;
-        let max = self.config.max_queued;
-        // WARN each time the running count passes a power of two (1, 2, 4, …).
-        if (before + 1).next_power_of_two() <= total {
-            log::warn!(
-                target: LOG,
-                "session `{client}`: queue full ({max} messages): dropped {count} oldest QoS 0 \
-                 message(s); {total} dropped for it since the store opened"
-            );
-        } else {
-            log::debug!(
-                target: LOG,
-                "session `{client}`: dropped {count} QoS 0 message(s) ({total} in all)"
-            );
-        }
+        })
     }
 
     /// Writes everything staged with one `write` and one `fsync`. Returns whether there was
@@ -1877,16 +1943,6 @@ pub struct StoreClient {
 }
 
 impl StoreClient {
-    /// Whether any offline session is over its cap.
-    pub fn any_over_cap(&self) -> bool {
-        !self.stats.over_cap.lock().is_empty()
-    }
-
-    /// Whether `client` is an offline session over its cap (see [`StoreStats::over_cap`]).
-    pub fn over_cap(&self, client: &str) -> bool {
-        self.stats.over_cap.lock().contains(client)
-    }
-
     /// Applies and logs `ops` as one request; the reply comes once they are durable. Acknowledge
     /// a publisher only after it.
     pub fn commit(&self, ops: Vec<Op>) -> Reply<Commit> {
