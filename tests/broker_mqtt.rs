@@ -25,7 +25,7 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::QoS;
 
 use common::broker::{Broker, DataDir};
-use common::mqtt::{connect_packet, encode, Raw, WAIT};
+use common::mqtt::{connect_packet, encode, Next, Raw, WAIT};
 
 fn payload(p: &Publish) -> &[u8] {
     &p.payload[..]
@@ -264,6 +264,157 @@ fn second_connection_with_same_client_id_takes_the_session_over() {
     second.expect_closed("the second connection after a clean takeover");
     third.send(Packet::PingReq);
     assert!(matches!(third.recv("PINGRESP"), Packet::PingResp));
+}
+
+/// What the CONNECTs of a takeover storm got.
+#[derive(Default, Debug)]
+struct Storm {
+    /// CONNACK 0.
+    accepted: usize,
+    /// CONNACK 0 without session present where the persistent session must be there.
+    without_session: usize,
+    /// CONNACK with another return code, by code.
+    refused: std::collections::BTreeMap<u8, usize>,
+    /// Closed (or the CONNECT not written) without a CONNACK.
+    closed: usize,
+    /// Neither a CONNACK nor a close within `WAIT` (the thread stops there).
+    silent: usize,
+    /// Another packet before CONNACK, or on a connection taken over.
+    other: usize,
+    /// A thread's previous connection still open `WAIT` after its next one got CONNACK 0 (the
+    /// thread stops there).
+    old_open: usize,
+}
+
+impl Storm {
+    fn add(&mut self, other: Storm) {
+        self.accepted += other.accepted;
+        self.without_session += other.without_session;
+        for (code, n) in other.refused {
+            *self.refused.entry(code).or_default() += n;
+        }
+        self.closed += other.closed;
+        self.silent += other.silent;
+        self.other += other.other;
+        self.old_open += other.old_open;
+    }
+
+    fn all_accepted(&self, connects: usize) -> bool {
+        self.accepted == connects && self.without_session == 0 && self.other + self.old_open == 0
+    }
+}
+
+/// `threads` threads connect `rounds` times each with client id `id`, each keeping its previous
+/// connection open until its next CONNECT is answered, so that CONNECTs take over from each
+/// other (and queue up behind each other's takeovers). `clean(thread, round)` picks the
+/// session; with `session_kept` every CONNACK 0 must say session present. After a CONNACK 0
+/// the thread's previous connection, connected before it, must be closed (MQTT-3.1.4-2).
+fn takeover_storm(
+    addr: SocketAddr,
+    id: &'static str,
+    threads: usize,
+    rounds: usize,
+    clean: fn(usize, usize) -> bool,
+    session_kept: bool,
+) -> Storm {
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut storm = Storm::default();
+                let mut previous: Option<Raw> = None;
+                for round in 0..rounds {
+                    let mut raw = Raw::tcp(addr);
+                    let connect = Packet::Connect(connect_packet(id, clean(t, round)));
+                    if raw.try_send_bytes(&encode(&connect)).is_err() {
+                        storm.closed += 1;
+                        continue;
+                    }
+                    match raw.next(WAIT) {
+                        Next::Packet(Packet::ConnAck(ack))
+                            if ack.code == ConnectReturnCode::Success =>
+                        {
+                            storm.accepted += 1;
+                            if session_kept && !ack.session_present {
+                                storm.without_session += 1;
+                            }
+                            match previous.take().map(|mut old| old.next(WAIT)) {
+                                None | Some(Next::Closed) => {}
+                                Some(Next::Packet(_)) => storm.other += 1,
+                                Some(Next::Timeout) => {
+                                    storm.old_open += 1;
+                                    break;
+                                }
+                            }
+                        }
+                        Next::Packet(Packet::ConnAck(ack)) => {
+                            *storm.refused.entry(ack.code as u8).or_default() += 1
+                        }
+                        Next::Packet(_) => storm.other += 1,
+                        Next::Closed => storm.closed += 1,
+                        Next::Timeout => {
+                            storm.silent += 1;
+                            break;
+                        }
+                    }
+                    previous = Some(raw);
+                }
+                storm
+            })
+        })
+        .collect();
+    let mut storm = Storm::default();
+    for handle in handles {
+        storm.add(handle.join().expect("a storm thread"));
+    }
+    storm
+}
+
+/// 3.1.4 [MQTT-3.1.4-2]: every CONNECT for a client id that is connected takes over, closing the
+/// connection before it — also when CONNECTs for it come faster than the takeovers complete:
+/// four clients reconnecting 500 times each with one client id all get CONNACK 0 (first with
+/// clean and persistent sessions mixed, then persistent only, where every CONNACK must say the
+/// session is present). The session is handed over along the whole chain: a subscription made
+/// before the storm still delivers to the connection after it.
+#[test]
+fn concurrent_takeovers_with_one_client_id_all_succeed() {
+    const ID: &str = "storm";
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 250;
+    let (_data, broker) = broker("takeover-storm");
+    let start = Instant::now();
+    let mixed = takeover_storm(
+        broker.addr,
+        ID,
+        THREADS,
+        ROUNDS,
+        |thread, round| (thread + round) % 2 == 0,
+        false,
+    );
+
+    let (mut subscriber, _) = Raw::connect(broker.addr, ID, false);
+    subscriber.sub(&[("storm/t", QoS::AtLeastOnce)]);
+    let persistent = takeover_storm(broker.addr, ID, THREADS, ROUNDS, |_, _| false, true);
+    drop(subscriber);
+    let took = start.elapsed();
+
+    let connects = THREADS * ROUNDS;
+    assert!(
+        mixed.all_accepted(connects) && persistent.all_accepted(connects),
+        "of {connects} CONNECTs with mixed sessions: {mixed:?}; of {connects} with a persistent \
+         session: {persistent:?} (accepted: CONNACK 0; refused: by return code; closed: without \
+         CONNACK; {took:?})"
+    );
+
+    let (mut last, session_present) = Raw::connect(broker.addr, ID, false);
+    assert!(session_present, "the session after the storm");
+    let mut publisher = Raw::clean(broker.addr, "storm-pub");
+    publisher.publish("storm/t", QoS::AtLeastOnce, b"after the storm", false);
+    let p = last.recv_publish();
+    assert_eq!(
+        (p.topic.as_str(), payload(&p)),
+        ("storm/t", &b"after the storm"[..]),
+        "the subscription made before the storm, on the connection after it"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

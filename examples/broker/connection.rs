@@ -40,6 +40,11 @@
 //! waits for the acknowledgements in flight, and closes by the deadline whatever happens, so a
 //! client that does not read cannot hold the shutdown up.
 //!
+//! **Takeover.** [`ToConn::TakenOver`] (another connection with the same client id): the
+//! connection ends and its will is published, but what it encoded for the client is written
+//! first, within a short bound — one taken over right after its handshake still sends its
+//! CONNACK, then closes.
+//!
 //! **Violations** (malformed packets, reserved bits set wrong — see [`crate::wire`] — a second
 //! CONNECT, a packet a server never receives, a wildcard in a PUBLISH topic…) are logged with the peer's address and close this connection,
 //! publishing its will (MQTT-4.8.0-1); nobody else notices.
@@ -123,6 +128,11 @@ enum End {
     Disconnect,
     /// Closed by the broker's shutdown: no will (the client did nothing wrong).
     Shutdown,
+    /// Another connection took the client id over: the will is published (as mosquitto does),
+    /// and what was encoded for the client is still written — a connection taken over right
+    /// after its handshake owes its client the CONNACK, without which the client would take the
+    /// close for a failed CONNECT.
+    TakenOver,
     /// Everything else publishes the will: the reason is logged.
     Abnormal(String),
 }
@@ -558,11 +568,7 @@ impl Conn {
                     self.trim_pending();
                 }
             }
-            ToConn::TakenOver => {
-                return Some(End::Abnormal(
-                    "taken over by a new connection with the same client id".into(),
-                ))
-            }
+            ToConn::TakenOver => return Some(End::TakenOver),
             ToConn::Quiesce(done) => {
                 self.draining = true;
                 self.quiesced = Some(done);
@@ -980,13 +986,24 @@ impl Conn {
                 None
             }
             End::Shutdown => None,
+            End::TakenOver => {
+                log::info!(
+                    target: LOG,
+                    "{} `{}`: taken over by a new connection with the same client id",
+                    self.peer,
+                    self.client
+                );
+                self.will.take()
+            }
             End::Abnormal(reason) => {
                 log::info!(target: LOG, "{} `{}`: connection closed: {reason}", self.peer, self.client);
                 self.will.take()
             }
         };
-        if matches!(end, End::Shutdown | End::Disconnect) {
-            // A last flush, never past the drain's deadline.
+        if !matches!(end, End::Abnormal(_)) {
+            // A last flush, never past the drain's deadline. The connection taking over waits
+            // for it too (it is connected on `Disconnected`, sent after): the bound keeps a
+            // client that does not read from holding it up for long.
             let mut limit = Duration::from_millis(200);
             if let Some(deadline) = self.closing {
                 limit = limit.min(deadline.saturating_duration_since(Instant::now()));

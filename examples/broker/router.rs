@@ -27,6 +27,9 @@
 //! **Takeover.** A CONNECT for a client id that is connected closes the old connection first
 //! ([`ToConn::TakenOver`]); the new one is answered when the old one has reported
 //! [`Disconnected`], after its last store ops, so the session the new one reads is complete.
+//! CONNECTs that come while a takeover is under way wait behind it in the order they came, and
+//! every one of them wins (MQTT-3.1.4-2): each is connected in turn — CONNACK 0, the session
+//! handed over — and taken over at once by the next, which reads the session after it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -255,29 +258,16 @@ impl Router {
     }
 
     fn connect(&mut self, connect: Connect, reply: oneshot::Sender<Result<Connected, RouteError>>) {
-        if let Some(old) = self.online.get(&connect.client) {
-            if !old.outbox.send(ToConn::TakenOver) {
-                // Its task is gone without saying so (cancelled with a previous sessions
-                // supervisor): nothing to wait for.
-                let conn = old.conn;
-                self.disconnected(Disconnected {
-                    client: connect.client.clone(),
-                    conn,
-                    will: None,
-                });
-                return self.connect(connect, reply);
-            }
-            log::info!(
-                target: LOG,
-                "client `{}`: a new connection takes over from connection {}",
-                connect.client,
-                old.conn
-            );
-            let parked = Parked { connect, reply };
+        if self.online.contains_key(&connect.client) {
+            // Behind the takeovers already under way for this client id, if any: CONNECTs are
+            // answered in the order they came. The connection online is told again even if a
+            // takeover is under way: that is how one whose task is gone is found.
+            let client = connect.client.clone();
             self.parked
-                .entry(parked.connect.client.clone())
+                .entry(client.clone())
                 .or_default()
-                .push_back(parked);
+                .push_back(Parked { connect, reply });
+            self.take_over(&client);
             return;
         }
         let Connect {
@@ -606,13 +596,14 @@ impl Router {
                 }],
             );
             // Nobody to acknowledge; the work is tracked so the drain waits for it.
+            let from = client.clone();
             actix::spawn(async move {
                 if let Err(e) = answer.await {
-                    log::warn!(target: LOG, "client `{client}`: its will was not stored: {e}");
+                    log::warn!(target: LOG, "client `{from}`: its will was not stored: {e}");
                 }
             });
         }
-        self.resume_parked();
+        self.resume_parked(&client);
     }
 
     /// Drops the persistent sessions offline for longer than `expiration`
@@ -656,28 +647,52 @@ impl Router {
         }));
     }
 
-    /// Answers CONNECTs whose takeover has completed.
-    fn resume_parked(&mut self) {
-        let ready: Vec<String> = self
-            .parked
-            .keys()
-            .filter(|client| !self.online.contains_key(*client))
-            .cloned()
-            .collect();
-        for client in ready {
-            let Some(mut queue) = self.parked.remove(&client) else {
-                continue;
-            };
-            // Only the newest CONNECT can win; the earlier ones lost to it already.
-            let newest = queue.pop_back();
-            for parked in queue {
-                parked.connect.outbox.send(ToConn::TakenOver);
-                let _ = parked
-                    .reply
-                    .send(Err("taken over by a newer connection".to_owned()));
-            }
-            if let Some(parked) = newest {
-                self.connect(parked.connect, parked.reply);
+    /// Tells the connection online for `client` to close, for the CONNECTs parked behind it
+    /// (its own log line says it was taken over). One whose task has ended cannot answer: its
+    /// `Disconnected` is still on its way, or never comes (cancelled with a previous sessions
+    /// supervisor before it knew it was connected). It is taken as disconnected now, which
+    /// connects the next one; whatever it sent to the store went before its mailbox closed, so
+    /// the next one still reads the session after its last op.
+    fn take_over(&mut self, client: &str) {
+        let Some(old) = self.online.get(client) else {
+            return;
+        };
+        let conn = old.conn;
+        let waiting = self.parked.get(client).map_or(0, VecDeque::len);
+        if old.outbox.send(ToConn::TakenOver) {
+            log::debug!(
+                target: LOG,
+                "client `{client}`: connection {conn} is taken over ({waiting} CONNECTs waiting)"
+            );
+        } else {
+            self.disconnected(Disconnected {
+                client: client.to_owned(),
+                conn,
+                will: None,
+            });
+        }
+    }
+
+    /// Connects the oldest CONNECT parked for `client` once nobody is online for it. Every
+    /// parked CONNECT wins in turn, in the order they came (MQTT-3.1.4-2 holds for each): the
+    /// one connected here is taken over at once by the next one parked, which is connected when
+    /// this one has reported [`Disconnected`] — so each connection of the chain reads the
+    /// session after the previous one's last store ops.
+    fn resume_parked(&mut self, client: &str) {
+        if self.online.contains_key(client) {
+            return;
+        }
+        let Some(queue) = self.parked.get_mut(client) else {
+            return;
+        };
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            self.parked.remove(client);
+        }
+        if let Some(parked) = next {
+            self.connect(parked.connect, parked.reply);
+            if self.parked.contains_key(client) {
+                self.take_over(client);
             }
         }
     }
