@@ -68,6 +68,11 @@ pub struct Args {
     /// For tests: the store's fsync number N fails, as on a failing disk.
     #[arg(long, hide = true, value_name = "N")]
     pub fail_fsync: Option<u64>,
+
+    /// For tests where no small filesystem can be mounted: while FILE exists, the store's writes
+    /// fail as on a full disk.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub fail_writes_while: Option<PathBuf>,
 }
 
 /// A duration on the command line, parsed by humantime (`30s`, `1m 30s`, `500ms`); not zero.

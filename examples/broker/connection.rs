@@ -133,6 +133,11 @@ enum End {
     /// after its handshake owes its client the CONNACK, without which the client would take the
     /// close for a failed CONNECT.
     TakenOver,
+    /// Closed by the broker for a reason of its own (logged): no will.
+    Evicted(&'static str),
+    /// A request needed the disk, which the store cannot write now: not acknowledged, closed
+    /// (DEBUG: the store logs the condition once), no will.
+    NoDisk,
     /// Everything else publishes the will: the reason is logged.
     Abnormal(String),
 }
@@ -153,6 +158,17 @@ enum Ack {
 }
 
 impl Ack {
+    /// The answer to a request the broker could not carry out: a SUBACK with failure codes.
+    fn refused(self) -> Packet {
+        match self {
+            Ack::SubAck(pkid, codes) => Packet::SubAck(SubAck::new(
+                pkid,
+                vec![SubscribeReasonCode::Failure; codes.len()],
+            )),
+            other => other.packet(),
+        }
+    }
+
     fn packet(self) -> Packet {
         match self {
             Ack::PubAck(pkid) => Packet::PubAck(PubAck::new(pkid)),
@@ -387,7 +403,12 @@ impl Conn {
         let connected = match answer {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
-                log::warn!(target: LOG, "{} `{}`: cannot connect: {e}", self.peer, self.client);
+                // The store's failure to write is logged once, by the store.
+                let level = match e {
+                    RouteError::NoDisk => log::Level::Debug,
+                    RouteError::Failed(_) => log::Level::Warn,
+                };
+                log::log!(target: LOG, level, "{} `{}`: cannot connect: {e}", self.peer, self.client);
                 self.refuse(ConnectReturnCode::ServiceUnavailable).await;
                 return Ok(false);
             }
@@ -520,11 +541,24 @@ impl Conn {
                 }
                 Event::Answer(answer) => {
                     let acks = self.answers.pop_front().map(|(_, acks)| acks);
-                    if let Err(e) = answer {
-                        return End::Abnormal(format!("routing failed: {e}"));
-                    }
-                    for ack in acks.into_iter().flatten() {
-                        self.encode(ack.packet());
+                    match answer {
+                        Ok(()) => {
+                            for ack in acks.into_iter().flatten() {
+                                self.encode(ack.packet());
+                            }
+                        }
+                        // MQTT-3.9.3: a SUBSCRIBE the broker cannot carry out gets 0x80 for each
+                        // filter; the connection goes on.
+                        Err(RouteError::NoDisk)
+                            if matches!(acks.as_deref(), Some([Ack::SubAck(..)])) =>
+                        {
+                            for ack in acks.into_iter().flatten() {
+                                self.encode(ack.refused());
+                            }
+                        }
+                        // Not acknowledged: the client sends it again after reconnecting.
+                        Err(RouteError::NoDisk) => return End::NoDisk,
+                        Err(e) => return End::Abnormal(format!("routing failed: {e}")),
                     }
                 }
                 Event::Stored(Ok(())) => {
@@ -569,6 +603,7 @@ impl Conn {
                 }
             }
             ToConn::TakenOver => return Some(End::TakenOver),
+            ToConn::Evict(reason) => return Some(End::Evicted(reason)),
             ToConn::Quiesce(done) => {
                 self.draining = true;
                 self.quiesced = Some(done);
@@ -717,7 +752,7 @@ impl Conn {
                             pkid,
                         }]);
                         Box::pin(
-                            async move { committed.await.map(|_| ()).map_err(|e| e.to_string()) },
+                            async move { committed.await.map(|_| ()).map_err(RouteError::from) },
                         )
                     } else {
                         Box::pin(async { Ok(()) })
@@ -765,9 +800,9 @@ impl Conn {
             Ok(()) => Box::pin(async move {
                 answer
                     .await
-                    .unwrap_or_else(|_| Err("the router stopped".to_owned()))
+                    .unwrap_or_else(|_| Err("the router stopped".into()))
             }),
-            Err(_) => Box::pin(async { Err("the router is not running".to_owned()) }),
+            Err(_) => Box::pin(async { Err("the router is not running".into()) }),
         }
     }
 
@@ -778,10 +813,12 @@ impl Conn {
         Router: actix::Handler<M>,
     {
         match self.shared.router.request(msg) {
-            Ok(answer) => {
-                Box::pin(async move { answer.await.unwrap_or_else(|e| Err(e.to_string())) })
-            }
-            Err(_) => Box::pin(async { Err("the router is not running".to_owned()) }),
+            Ok(answer) => Box::pin(async move {
+                answer
+                    .await
+                    .unwrap_or_else(|e| Err(RouteError::Failed(e.to_string())))
+            }),
+            Err(_) => Box::pin(async { Err("the router is not running".into()) }),
         }
     }
 
@@ -994,6 +1031,19 @@ impl Conn {
                     self.client
                 );
                 self.will.take()
+            }
+            End::NoDisk => {
+                log::debug!(
+                    target: LOG,
+                    "{} `{}`: closed: a request needs the disk, which the store cannot write now",
+                    self.peer,
+                    self.client
+                );
+                None
+            }
+            End::Evicted(reason) => {
+                log::info!(target: LOG, "{} `{}`: closed by the broker: {reason}", self.peer, self.client);
+                None
             }
             End::Abnormal(reason) => {
                 log::info!(target: LOG, "{} `{}`: connection closed: {reason}", self.peer, self.client);

@@ -58,6 +58,30 @@ use crate::store::{StoreConfig, StoreStats};
 
 const LOG: &str = "broker";
 
+/// `GET /status`: what the broker is refusing or losing, as JSON — whether the store can write
+/// (and since when it cannot), and what sessions over their quota lost. 200 while the store
+/// writes, 503 while it does not (the broker still serves QoS 0 and clean sessions: `/readyz`
+/// stays 200).
+async fn status(stats: Arc<StoreStats>) -> actix_web::HttpResponse {
+    let (sessions_over_quota, _) = stats.drops.worst(0);
+    let mut body = serde_json::json!({
+        "store": { "writes": "ok" },
+        "dropped_over_quota": stats.drops.total(),
+        "sessions_over_quota": sessions_over_quota,
+        "sessions_expired": StoreStats::get(&stats.expired),
+    });
+    let mut response = actix_web::HttpResponse::Ok();
+    if let Some((why, for_how_long)) = stats.disk.failing() {
+        body["store"] = serde_json::json!({
+            "writes": "failing",
+            "error": why,
+            "failing_for_ms": u64::try_from(for_how_long.as_millis()).unwrap_or(u64::MAX),
+        });
+        response = actix_web::HttpResponse::ServiceUnavailable();
+    }
+    response.json(body)
+}
+
 fn main() {
     // actix-web's own start lines would say "listening on" for the health port too: the one
     // such line is the MQTT listener's (the health address has its own line).
@@ -104,6 +128,7 @@ async fn run(args: Args) -> i32 {
     };
     store_config.quota = quota;
     store_config.fail_fsync = args.fail_fsync;
+    store_config.fail_writes_while = args.fail_writes_while.clone();
     let (store_spec, store) = store::spec("store", store_config);
     let store_stats = store.stats_handle();
     let router_store = store.clone();
@@ -148,8 +173,13 @@ async fn run(args: Args) -> i32 {
         .strategy(Strategy::RestForOne)
         .handle_signals(true);
     let phase = builder.phase_watch();
+    let status_stats = store_stats.clone();
     let health_spec = HttpServerSpec::new("health", args.health.clone(), move || {
-        App::new().service(health(phase.clone()))
+        let stats = status_stats.clone();
+        App::new().service(health(phase.clone())).route(
+            "/status",
+            actix_web::web::get().to(move || status(stats.clone())),
+        )
     })
     .workers(1);
     let health_addrs = health_spec.addrs();

@@ -62,6 +62,9 @@ pub enum ToConn {
     Deliver(Deliver),
     /// Another connection has taken over the client id: close (the will is published).
     TakenOver,
+    /// The broker closes the connection, for this reason (logged; no will: the client did
+    /// nothing wrong).
+    Evict(&'static str),
     /// The broker is shutting down, step 1: stop taking PUBLISH from the client; answer once
     /// every publication already taken has been routed (its acknowledgement sent).
     Quiesce(oneshot::Sender<()>),

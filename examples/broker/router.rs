@@ -20,6 +20,13 @@
 //! oldest unsent ones (`drop-oldest`); an offline one is held to it by the store. Nobody else's
 //! traffic is refused or held for it (see [`crate::quota`]).
 //!
+//! **A store that cannot write** (a full disk): what needs the disk is refused before it is
+//! routed — a QoS 1/2 publication for a persistent session or retained, a persistent CONNECT,
+//! SUBSCRIBE or UNSUBSCRIBE ([`RouteError::NoDisk`]) — and everything else flows; QoS 0 goes to
+//! connected subscribers only and replaces no retained message. The write that failed was undone
+//! in the store, so the router reloads what it had applied ahead of it ([`Resync`]) and closes
+//! the persistent sessions online; every second it asks the store to try a write again.
+//!
 //! **Expiry.** With `--persistent-client-expiration`, a persistent session offline for longer
 //! is dropped on a timer, as a clean CONNECT would drop it; when it went offline is logged in the
 //! store ([`Op::LastSeen`]), so a restart does not give it a new lease.
@@ -49,9 +56,30 @@ use crate::topic::{self, Subscriptions, TopicFilter, TopicName};
 
 const LOG: &str = "broker::router";
 
-/// A failure the router reports to a connection: the store refused or is gone. The connection
-/// closes without acknowledging, so the client sends again later.
-pub type RouteError = String;
+/// Why the router did not do what a connection asked. The request is not acknowledged (a
+/// SUBSCRIBE gets failure return codes, a CONNECT return code 3), so the client asks again later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteError {
+    /// It needs the disk, and the store cannot write now (typically: the disk is full).
+    NoDisk,
+    /// Anything else: the store failed or refused, or the router is gone.
+    Failed(String),
+}
+
+impl std::fmt::Display for RouteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteError::NoDisk => write!(f, "it needs the disk, and the store cannot write now"),
+            RouteError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<&str> for RouteError {
+    fn from(why: &str) -> Self {
+        RouteError::Failed(why.to_owned())
+    }
+}
 
 type Answer<T> = Pin<Box<dyn Future<Output = Result<T, RouteError>>>>;
 
@@ -193,6 +221,10 @@ pub struct Router {
     drops: Arc<Drops>,
     /// Persistent sessions not connected, and since when (Unix milliseconds): for expiry.
     offline_since: HashMap<String, u64>,
+    /// A reload after a failed write is under way.
+    resyncing: bool,
+    /// The store's writes were failing at the last tick.
+    disk_failing: bool,
 }
 
 impl Router {
@@ -202,6 +234,8 @@ impl Router {
             quota: config.quota,
             config,
             offline_since: HashMap::new(),
+            resyncing: false,
+            disk_failing: false,
             store,
             subscriptions: Subscriptions::new(),
             retained: BTreeMap::new(),
@@ -212,6 +246,35 @@ impl Router {
             work: InFlight::new(),
             me: None,
             restarting: false,
+        }
+    }
+
+    /// Puts retained messages, persistent sessions and their subscriptions back to what the
+    /// store has, after a write that failed undid what the router had applied before the store
+    /// answered. Persistent sessions online are closed: their connections hold deliveries and
+    /// packet ids the store has forgotten; they resume from what it has when they come back.
+    /// Clean sessions and their subscriptions are untouched.
+    fn reload(&mut self, loaded: Loaded) {
+        let persistent = std::mem::take(&mut self.persistent);
+        for client in &persistent {
+            self.subscriptions.remove_client(client);
+        }
+        for (client, online) in &self.online {
+            if !online.clean {
+                online
+                    .outbox
+                    .send(ToConn::Evict("the store could not write what it was sent"));
+                log::debug!(target: LOG, "client `{client}`: closed, its session reloaded");
+            }
+        }
+        self.retained.clear();
+        self.offline_since.clear();
+        let next_id = self.next_id;
+        self.load(loaded);
+        // Ids handed out since the last durable one may be in connections' hands: never again.
+        self.next_id = self.next_id.max(next_id);
+        for client in self.online.keys() {
+            self.offline_since.remove(client);
         }
     }
 
@@ -276,6 +339,12 @@ impl Router {
             outbox,
         } = connect;
         let existed = self.persistent.contains(&client);
+        if (!clean || existed) && !self.store.disk_ok() {
+            // A persistent session lives on the disk (resuming one logs what it is sent), and
+            // dropping one is a write too: refused with "server unavailable" until it can write.
+            let _ = reply.send(Err(RouteError::NoDisk));
+            return;
+        }
         self.offline_since.remove(&client);
         let mut ops = Vec::new();
         if clean {
@@ -334,10 +403,18 @@ impl Router {
         let mut must_wait = false;
         let mut congested: Vec<(String, Outbox)> = Vec::new();
         let from_persistent = self.persistent.contains(from);
+        let disk = self.store.disk_ok();
+        let mut refused = None;
         for publication in publications {
             let qos = publication.qos;
             let pkid = publication.pkid;
-            let (op, full) = self.route_one(publication);
+            if !disk && qos > 0 && self.needs_disk(&publication, from_persistent) {
+                // Not this one, nor those behind it: none is acknowledged, the client sends
+                // them again.
+                refused = Some(RouteError::NoDisk);
+                break;
+            }
+            let (op, full) = self.route_one(publication, disk);
             if let Some(op) = op {
                 must_wait |= qos > 0;
                 ops.push(op);
@@ -374,6 +451,9 @@ impl Router {
             if let Some(committed) = committed {
                 committed.await?;
             }
+            if let Some(refused) = refused {
+                return Err(refused);
+            }
             for (client, outbox) in congested {
                 if outbox.backlog.hold().await {
                     log::warn!(
@@ -401,9 +481,27 @@ impl Router {
         false
     }
 
+    /// Whether a QoS 1/2 publication needs the disk: it is retained, its QoS 2 packet id is
+    /// recorded for a persistent publisher, or a persistent session gets it at QoS 1/2.
+    fn needs_disk(&self, publication: &Publication, from_persistent: bool) -> bool {
+        publication.retain
+            || (publication.qos == 2 && from_persistent && publication.pkid != 0)
+            || self
+                .subscriptions
+                .route(&publication.topic)
+                .into_iter()
+                .any(|(client, granted)| granted > 0 && self.persistent.contains(&client))
+    }
+
     /// Hands one publication to its connected subscribers; returns the store op it needs (if
-    /// any) and the subscribers it left congested.
-    fn route_one(&mut self, publication: Publication) -> (Option<Op>, Vec<(String, Outbox)>) {
+    /// any) and the subscribers it left congested. Without the `disk`, only QoS 0 comes here
+    /// with a need for it: its connected subscribers get it, offline sessions do not, and a
+    /// retained one does not replace the retained message (at most once allows both).
+    fn route_one(
+        &mut self,
+        publication: Publication,
+        disk: bool,
+    ) -> (Option<Op>, Vec<(String, Outbox)>) {
         let id = self.next_id;
         self.next_id += 1;
         let Publication {
@@ -421,7 +519,7 @@ impl Router {
             qos,
             retain,
         });
-        if retain {
+        if retain && disk {
             if msg.payload.is_empty() {
                 self.retained.remove(&topic);
             } else {
@@ -438,7 +536,7 @@ impl Router {
                     continue;
                 }
             }
-            let stored = self.persistent.contains(&client) && (qos > 0 || online.is_none());
+            let stored = disk && self.persistent.contains(&client) && (qos > 0 || online.is_none());
             if stored {
                 to.push(Delivery {
                     client: client.clone(),
@@ -457,7 +555,7 @@ impl Router {
                 }
             }
         }
-        let op = (!to.is_empty() || retain).then(|| Op::Publish {
+        let op = (!to.is_empty() || (retain && disk)).then(|| Op::Publish {
             msg: (*msg).clone(),
             to,
         });
@@ -466,6 +564,9 @@ impl Router {
 
     fn subscribe(&mut self, client: String, filters: Vec<(TopicFilter, Qos)>) -> Answer<()> {
         let persistent = self.persistent.contains(&client);
+        if persistent && !self.store.disk_ok() {
+            return Box::pin(async { Err(RouteError::NoDisk) });
+        }
         let mut ops = Vec::new();
         let mut retained = Vec::new();
         for (filter, qos) in filters {
@@ -513,6 +614,9 @@ impl Router {
 
     fn unsubscribe(&mut self, client: String, filters: Vec<TopicFilter>) -> Answer<()> {
         let persistent = self.persistent.contains(&client);
+        if persistent && !self.store.disk_ok() {
+            return Box::pin(async { Err(RouteError::NoDisk) });
+        }
         let mut ops = Vec::new();
         for filter in filters {
             self.subscriptions.unsubscribe(&client, &filter);
@@ -542,7 +646,13 @@ impl Router {
         let committed = self.store.commit(ops);
         let me = self.me.clone();
         async move {
-            let commit = committed.await.map_err(store_failed)?;
+            let commit = committed.await.map_err(|e| {
+                if let (StoreError::WriteFailed(_), Some(me)) = (&e, &me) {
+                    // Applied here (retained messages, subscriptions) and undone in the store.
+                    me.do_send(Resync);
+                }
+                store_failed(e)
+            })?;
             match commit.rejected {
                 None => Ok(()),
                 Some(rejected) => {
@@ -554,7 +664,9 @@ impl Router {
                     if let Some(me) = me {
                         me.do_send(Reload);
                     }
-                    Err(format!("the store refused an op: {rejected:?}"))
+                    Err(RouteError::Failed(format!(
+                        "the store refused an op: {rejected:?}"
+                    )))
                 }
             }
         }
@@ -682,18 +794,23 @@ impl Router {
         if self.online.contains_key(client) {
             return;
         }
-        let Some(queue) = self.parked.get_mut(client) else {
-            return;
-        };
-        let next = queue.pop_front();
-        if queue.is_empty() {
-            self.parked.remove(client);
-        }
-        if let Some(parked) = next {
-            self.connect(parked.connect, parked.reply);
-            if self.parked.contains_key(client) {
-                self.take_over(client);
+        // A CONNECT refused (the disk cannot take its session) leaves nobody online: the next
+        // one is tried.
+        while !self.online.contains_key(client) {
+            let Some(queue) = self.parked.get_mut(client) else {
+                return;
+            };
+            let next = queue.pop_front();
+            if queue.is_empty() {
+                self.parked.remove(client);
             }
+            let Some(parked) = next else {
+                return;
+            };
+            self.connect(parked.connect, parked.reply);
+        }
+        if self.parked.contains_key(client) {
+            self.take_over(client);
         }
     }
 }
@@ -746,7 +863,73 @@ fn unix_millis() -> u64 {
 }
 
 fn store_failed(e: StoreError) -> RouteError {
-    format!("the store failed: {e}")
+    RouteError::from(e)
+}
+
+impl From<StoreError> for RouteError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::WriteFailed(_) | StoreError::NoDisk(_) => RouteError::NoDisk,
+            e => RouteError::Failed(format!("the store failed: {e}")),
+        }
+    }
+}
+
+/// What the router reads from the store when it starts (or reloads).
+fn read_loaded(store: &StoreClient) -> crate::store::Reply<Loaded> {
+    store.read(|state| Loaded {
+        next_id: state.next_message_id(),
+        retained: state.all_retained().cloned().collect(),
+        sessions: state
+            .sessions()
+            .map(|(client, s)| {
+                let filters = s
+                    .subscriptions()
+                    .iter()
+                    .map(|(f, q)| (f.clone(), *q))
+                    .collect();
+                (client.to_owned(), filters, state.last_seen(client))
+            })
+            .collect(),
+    })
+}
+
+/// A write failed in the store and undid a request the router had already applied: read back
+/// what is durable (see [`Router::reload`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Resync;
+
+impl Handler<Resync> for Router {
+    type Result = ();
+
+    fn handle(&mut self, _: Resync, ctx: &mut Context<Self>) {
+        // Every request of the failed batch asks; one read answers them all.
+        if self.resyncing {
+            return;
+        }
+        self.resyncing = true;
+        log::info!(
+            target: LOG,
+            "the store undid a write it could not make: reloading retained messages and \
+             persistent sessions from it"
+        );
+        // Nothing is routed on what the store undid while the read is under way.
+        ctx.wait(
+            read_loaded(&self.store)
+                .into_actor(self)
+                .map(|loaded, router, ctx| {
+                    router.resyncing = false;
+                    match loaded {
+                        Ok(loaded) => router.reload(loaded),
+                        Err(e) => {
+                            log::error!(target: LOG, "cannot read the store: {e}; restarting");
+                            ctx.stop();
+                        }
+                    }
+                }),
+        );
+    }
 }
 
 /// Tells the router to stop, so that the tree restarts it from what the store has.
@@ -769,20 +952,19 @@ impl Actor for Router {
         self.me = Some(ctx.address());
         // Nothing is routed before the persistent sessions and retained messages are back.
         self.store.nobody_online();
-        let read = self.store.read(|state| Loaded {
-            next_id: state.next_message_id(),
-            retained: state.all_retained().cloned().collect(),
-            sessions: state
-                .sessions()
-                .map(|(client, s)| {
-                    let filters = s
-                        .subscriptions()
-                        .iter()
-                        .map(|(f, q)| (f.clone(), *q))
-                        .collect();
-                    (client.to_owned(), filters, state.last_seen(client))
-                })
-                .collect(),
+        let read = read_loaded(&self.store);
+        // While the store cannot write, it is asked to try every second. A failed write undoes
+        // what connections logged too (packet ids, deliveries): the first tick that sees it
+        // reloads, closing the persistent sessions, if no answer of the router's did already.
+        ctx.run_interval(Duration::from_secs(1), |router, ctx| {
+            if router.store.disk_ok() {
+                router.disk_failing = false;
+                return;
+            }
+            if !std::mem::replace(&mut router.disk_failing, true) {
+                ctx.notify(Resync);
+            }
+            router.store.probe();
         });
         if let Some(expiration) = self.config.expiration {
             // Often enough that a session goes within a quarter of its expiration of its time.
@@ -825,7 +1007,7 @@ impl Handler<Connect> for Router {
         Box::pin(async move {
             answer
                 .await
-                .unwrap_or_else(|_| Err("the router stopped".to_owned()))
+                .unwrap_or_else(|_| Err("the router stopped".into()))
         })
     }
 }

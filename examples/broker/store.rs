@@ -38,10 +38,20 @@
 //! what follows may depend on it (the packet id of a QoS 2 message whose publication was
 //! refused) — and the reply names it; the router then does not acknowledge the request (its
 //! publisher sends it again) and restarts itself, reloading from the store, since its memory
-//! (retained messages, routed before the store answered) may be ahead of what the store has. **A failed write** poisons the store (memory is ahead of the disk):
-//! every request is refused from then on, and the worker ends as failed
-//! ([`BlockingWorker::failed`]), so the tree restarts it — and the router, which reloads what is
-//! durable, so that its retained messages and sessions never disagree with the disk for longer.
+//! (retained messages, routed before the store answered) may be ahead of what the store has.
+//!
+//! **A failed write** (a full disk, typically) *degrades* the store rather than ending it: the
+//! file is cut back to its last durable byte, memory is put back to what the log holds (a
+//! replay), the requests of the lost batch are answered [`StoreError::WriteFailed`], and from then
+//! on every commit is refused up front ([`StoreError::NoDisk`], nothing applied) while reads go
+//! on. The condition is logged once and shared ([`StoreStats::disk`]): the router refuses what
+//! needs the disk before trying — persistent sessions, QoS 1/2 for them, retained messages — and
+//! lets everything else flow. Every second the router asks the store to [`probe`](Store::probe)
+//! with a record that changes nothing; the first that is written and synced ends the episode.
+//! Only a failure the store cannot undo (the file cannot be cut back or read again, a record
+//! cannot be encoded, a checked op does not apply) *poisons* it: every request is refused, and the
+//! worker ends as failed ([`BlockingWorker::failed`]) so that the tree restarts it — and the
+//! router, which reloads what is durable.
 //!
 //! **File format** (`<data dir>/store.log`, all integers little-endian):
 //!
@@ -77,8 +87,9 @@
 //! latency. How the worker knows what is behind it is explained at [`StoreWorker`].
 //!
 //! **Compaction.** When the log is at least [`StoreConfig::compact_min_bytes`] and at least
-//! [`StoreConfig::compact_ratio`] times the size of the last snapshot (or of the log at open), the
-//! live state is written as ops ([`State::snapshot`]) to `store.log.compact`, fsynced, renamed over
+//! [`StoreConfig::compact_ratio`] times the size of the last snapshot (or of the log at open), or
+//! the stored messages have shrunk below `1/compact_ratio` of what they were then (a big queue was
+//! delivered: the log would otherwise keep its size for good), the live state is written as ops ([`State::snapshot`]) to `store.log.compact`, fsynced, renamed over
 //! `store.log` (atomic), and the directory fsynced. A crash before the rename leaves the old log
 //! complete (and the temporary file, which the next open deletes); after it, the new one. A log at
 //! least `compact_min_bytes` long is also compacted at open. The log is created the same way
@@ -90,9 +101,7 @@
 //! open) keeps out a second broker process and a previous instance of this one still finishing
 //! a write (an aborted worker's thread; opening waits [`StoreConfig::lock_wait`] for it). The
 //! worker closes the store in `on_drained`, before it acknowledges, so after a graceful stop the
-//! lock is free at once. On an I/O error while appending the store is *poisoned*: its memory is ahead of the
-//! disk, so it refuses every later request with the error, and the broker decides (normally:
-//! shut down; a restart recovers from what is on disk).
+//! lock is free at once.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fmt;
@@ -101,7 +110,7 @@ use std::future::Future;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -254,6 +263,9 @@ pub struct State {
     waiting: BTreeMap<String, Waiting>,
     /// When a session was last seen connected (Unix milliseconds), for expiry.
     last_seen: BTreeMap<String, u64>,
+    /// Topic and payload bytes of the stored bodies: the bulk of what a snapshot writes, which
+    /// tells compaction when the live state has shrunk.
+    body_bytes: u64,
 }
 
 /// A change to the [`State`]: what one log record holds a list of.
@@ -457,12 +469,16 @@ fn waiting_mut<'a>(waiting: &'a mut BTreeMap<String, Waiting>, client: &str) -> 
     waiting.entry(client.to_owned()).or_default()
 }
 
-/// Drops a reference to a stored body, and the body with its last one.
-fn release(messages: &mut BTreeMap<MsgId, Body>, id: MsgId) {
+/// Drops a reference to a stored body, and the body with its last one (its size leaves
+/// `body_bytes`).
+fn release(messages: &mut BTreeMap<MsgId, Body>, body_bytes: &mut u64, id: MsgId) {
     if let Some(body) = messages.get_mut(&id) {
         body.refs = body.refs.saturating_sub(1);
         if body.refs == 0 {
-            messages.remove(&id);
+            if let Some(body) = messages.remove(&id) {
+                *body_bytes =
+                    body_bytes.saturating_sub(quota::size_of(&body.msg.topic, &body.msg.payload));
+            }
         }
     }
 }
@@ -491,6 +507,11 @@ impl State {
     /// How many bodies are stored.
     pub fn message_count(&self) -> usize {
         self.messages.len()
+    }
+
+    /// Topic and payload bytes of the stored bodies.
+    pub fn body_bytes(&self) -> u64 {
+        self.body_bytes
     }
 
     /// The retained message of `topic`.
@@ -661,7 +682,9 @@ impl State {
             }
             Op::DropSession { client } => {
                 if let Some(session) = sessions.remove(client) {
-                    session.references().for_each(|id| release(messages, id));
+                    session
+                        .references()
+                        .for_each(|id| release(messages, &mut self.body_bytes, id));
                 }
                 self.waiting.remove(client);
                 self.last_seen.remove(client);
@@ -691,7 +714,7 @@ impl State {
                         self.retained.insert(msg.topic.clone(), msg.id)
                     };
                     if let Some(previous) = previous {
-                        release(messages, previous);
+                        release(messages, &mut self.body_bytes, previous);
                     }
                 }
                 let size = quota::size_of(&msg.topic, &msg.payload);
@@ -708,6 +731,7 @@ impl State {
                 }
                 if refs > 0 {
                     let msg = msg.clone();
+                    self.body_bytes += size;
                     messages.insert(msg.id, Body { msg, refs });
                 }
             }
@@ -734,7 +758,7 @@ impl State {
                         if let Some(entry) = s.queue.remove(i) {
                             let size = body_size(messages, *msg);
                             waiting_mut(&mut self.waiting, client).remove(size, entry.qos);
-                            release(messages, *msg);
+                            release(messages, &mut self.body_bytes, *msg);
                         }
                     }
                 }
@@ -750,7 +774,7 @@ impl State {
                     let size = body_size(messages, *msg);
                     waiting_mut(&mut self.waiting, client).remove(size, entry.qos);
                     if entry.qos == 0 {
-                        release(messages, *msg);
+                        release(messages, &mut self.body_bytes, *msg);
                     } else {
                         // The queue's reference moves to the in-flight slot.
                         s.unacked.push(Unacked {
@@ -765,7 +789,7 @@ impl State {
                 if let Some(s) = sessions.get_mut(client) {
                     if let Some(i) = s.unacked.iter().position(|u| u.pkid == *pkid) {
                         let entry = s.unacked.remove(i);
-                        release(messages, entry.msg);
+                        release(messages, &mut self.body_bytes, entry.msg);
                         s.released.push(*pkid);
                     }
                 }
@@ -774,7 +798,7 @@ impl State {
                 if let Some(s) = sessions.get_mut(client) {
                     if let Some(i) = s.unacked.iter().position(|u| u.pkid == *pkid) {
                         let entry = s.unacked.remove(i);
-                        release(messages, entry.msg);
+                        release(messages, &mut self.body_bytes, entry.msg);
                     } else {
                         s.released.retain(|p| p != pkid);
                     }
@@ -796,6 +820,7 @@ impl State {
             Op::Message(msg) => {
                 self.next_message_id = self.next_message_id.max(msg.id.saturating_add(1));
                 let msg = msg.clone();
+                self.body_bytes += quota::size_of(&msg.topic, &msg.payload);
                 messages.insert(msg.id, Body { msg, refs: 0 });
             }
             Op::Retained { msg } => {
@@ -805,7 +830,7 @@ impl State {
                 };
                 hold(messages, *msg);
                 if let Some(previous) = self.retained.insert(topic, *msg) {
-                    release(messages, previous);
+                    release(messages, &mut self.body_bytes, previous);
                 }
             }
             Op::Session { client, session } => {
@@ -817,7 +842,8 @@ impl State {
                 }
                 self.waiting.insert(client.clone(), waiting);
                 if let Some(old) = sessions.insert(client.clone(), session.clone()) {
-                    old.references().for_each(|id| release(messages, id));
+                    old.references()
+                        .for_each(|id| release(messages, &mut self.body_bytes, id));
                 }
             }
             Op::LastSeen { client, at } => {
@@ -831,7 +857,14 @@ impl State {
     /// installed only once complete) or a broken log referred to nothing.
     pub fn collect_unreferenced(&mut self) -> usize {
         let before = self.messages.len();
-        self.messages.retain(|_, body| body.refs > 0);
+        let body_bytes = &mut self.body_bytes;
+        self.messages.retain(|_, body| {
+            if body.refs == 0 {
+                *body_bytes =
+                    body_bytes.saturating_sub(quota::size_of(&body.msg.topic, &body.msg.payload));
+            }
+            body.refs > 0
+        });
         before - self.messages.len()
     }
 
@@ -1070,7 +1103,15 @@ pub enum StoreError {
     Encode(String),
     /// An op the store had checked did not apply: a bug in the store.
     Inconsistent(ApplyError),
-    /// An earlier write failed, so memory is ahead of the disk: the store refuses everything
+    /// A write failed (typically: the disk is full). The request was not made durable and is
+    /// undone — the store's memory is back to what is on the disk — and the store refuses every
+    /// commit until a write works again ([`StoreError::NoDisk`]). Whoever applied the request's
+    /// effects elsewhere (the router's retained messages) must read them back.
+    WriteFailed(Arc<StoreError>),
+    /// Refused without being tried: writes fail since an earlier one did (see
+    /// [`Store::probe`]). Nothing was applied.
+    NoDisk(Arc<StoreError>),
+    /// A failure after which the store cannot trust its own memory or file: it refuses everything
     /// until it is restarted (and recovers from the disk).
     Poisoned(Arc<StoreError>),
     /// The store worker is gone: its mailbox refused the request, or it ended without answering.
@@ -1099,6 +1140,11 @@ impl fmt::Display for StoreError {
             ),
             StoreError::Encode(e) => write!(f, "cannot encode a log record: {e}"),
             StoreError::Inconsistent(e) => write!(f, "store bug: a checked op did not apply: {e}"),
+            StoreError::WriteFailed(cause) => write!(f, "not written, undone: {cause}"),
+            StoreError::NoDisk(cause) => write!(
+                f,
+                "refused: the store cannot write since an earlier failure ({cause})"
+            ),
             StoreError::Poisoned(cause) => write!(
                 f,
                 "the store refuses requests since an earlier failure ({cause}); restart it"
@@ -1137,6 +1183,9 @@ pub struct StoreConfig {
     /// For tests of what a failing disk does: the append that would be the store's fsync number
     /// `n` (counted across restarts) fails instead, once.
     pub fail_fsync: Option<u64>,
+    /// For tests of a full disk where none can be made: while this file exists, every write to
+    /// the log fails as on a full disk.
+    pub fail_writes_while: Option<PathBuf>,
 }
 
 impl StoreConfig {
@@ -1153,6 +1202,7 @@ impl StoreConfig {
             lock_wait: Duration::from_secs(3),
             max_batch: 1024,
             fail_fsync: None,
+            fail_writes_while: None,
         }
     }
 }
@@ -1171,6 +1221,8 @@ pub struct StoreStats {
     pub drops: Arc<Drops>,
     /// Persistent sessions dropped after `--persistent-client-expiration` (by the router).
     pub expired: AtomicU64,
+    /// Whether the store can write (the router and the health endpoint read it).
+    pub disk: DiskStatus,
     /// Messages owed to persistent sessions (queued or unacknowledged) when the store closed.
     pub owed_at_close: AtomicU64,
     /// Bytes cut from a torn or corrupt tail at open.
@@ -1180,6 +1232,47 @@ pub struct StoreStats {
 impl StoreStats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether the store's writes work, readable from any thread without asking the store.
+#[derive(Debug, Default)]
+pub struct DiskStatus {
+    failing: AtomicBool,
+    /// Why, and since when.
+    detail: parking_lot::Mutex<Option<(String, Instant)>>,
+}
+
+impl DiskStatus {
+    /// True while writes work.
+    pub fn ok(&self) -> bool {
+        !self.failing.load(Ordering::Acquire)
+    }
+
+    /// Why writes fail and for how long, while they do.
+    pub fn failing(&self) -> Option<(String, Duration)> {
+        let detail = self.detail.lock();
+        detail
+            .as_ref()
+            .map(|(why, since)| (why.clone(), since.elapsed()))
+    }
+
+    /// Writes fail; true if they worked until now.
+    fn fail(&self, cause: &StoreError) -> bool {
+        let mut detail = self.detail.lock();
+        let first = detail.is_none();
+        if first {
+            *detail = Some((cause.to_string(), Instant::now()));
+        }
+        self.failing.store(true, Ordering::Release);
+        first
+    }
+
+    /// Writes work again; returns for how long they did not.
+    fn recover(&self) -> Duration {
+        let since = self.detail.lock().take().map(|(_, since)| since);
+        self.failing.store(false, Ordering::Release);
+        since.map_or(Duration::ZERO, |s| s.elapsed())
     }
 }
 
@@ -1216,11 +1309,16 @@ pub struct Store {
     staged: Vec<u8>,
     /// The log's size after the last compaction, or at open: the compaction rule's base.
     base: u64,
+    /// The bodies' bytes then: when the live state shrinks well below it (a big queue
+    /// delivered), compacting gives the space back.
+    base_bodies: u64,
     /// Sessions with a connection now: no cap for them (see [`State::admit_with`]). Not logged:
     /// after a restart nobody is connected.
     online: HashSet<String>,
     stats: Arc<StoreStats>,
     poisoned: Option<Arc<StoreError>>,
+    /// Writes fail since this one did: commits are refused until a probe writes.
+    degraded: Option<Arc<StoreError>>,
 }
 
 impl fmt::Debug for Store {
@@ -1312,6 +1410,7 @@ impl Store {
             state.retained.len(),
         );
 
+        let base_bodies = state.body_bytes();
         let mut store = Store {
             log_path,
             file,
@@ -1320,9 +1419,11 @@ impl Store {
             len: replayed.valid_len,
             staged: Vec::new(),
             base: replayed.valid_len,
+            base_bodies,
             online: HashSet::new(),
             stats,
             poisoned: None,
+            degraded: None,
             config,
         };
         if store.len >= store.config.compact_min_bytes {
@@ -1386,6 +1487,7 @@ impl Store {
     /// acknowledged, only after the next [`sync`](Self::sync) succeeds.
     pub fn commit(&mut self, ops: Vec<Op>) -> Result<Commit, StoreError> {
         self.check_poisoned()?;
+        self.check_disk()?;
         let mut commit = Commit::default();
         let mut effects = Vec::with_capacity(ops.len());
         for (index, op) in ops.into_iter().enumerate() {
@@ -1449,36 +1551,170 @@ impl Store {
     }
 
     /// Writes everything staged with one `write` and one `fsync`. Returns whether there was
-    /// anything to write. On failure the store is poisoned (see the module docs).
+    /// anything to write. When the write fails the store *degrades* (see
+    /// [`roll_back`](Self::roll_back)): the error is [`StoreError::WriteFailed`], and commits are
+    /// refused until [`probe`](Self::probe) finds that writes work again.
     pub fn sync(&mut self) -> Result<bool, StoreError> {
         self.check_poisoned()?;
         if self.staged.is_empty() {
             return Ok(false);
         }
         let injected = self.config.fail_fsync == Some(StoreStats::get(&self.stats.fsyncs) + 1);
+        let mut staged = std::mem::take(&mut self.staged);
         let written = if injected {
             // Counted, so the next instance does not fail at the same number again.
             self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             Err(io::Error::other("injected failure (--fail-fsync)"))
         } else {
-            self.file
-                .write_all(&self.staged)
-                .and_then(|()| self.file.sync_data())
+            self.append(&staged)
         };
         if let Err(e) = written {
             let path = self.log_path.clone();
-            return Err(self.poison(io_error("cannot append to", &path)(e)));
+            let cause = io_error("cannot append to", &path)(e);
+            return Err(self.roll_back(cause));
         }
-        self.len += self.staged.len() as u64;
-        self.staged.clear();
+        self.len += staged.len() as u64;
+        // The buffer is kept for the next batch.
+        staged.clear();
+        self.staged = staged;
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 
+    /// One `write` and one `fsync` of `bytes` at the end of the log (or the failure
+    /// `--fail-writes-while` injects).
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if let Some(flag) = &self.config.fail_writes_while {
+            if flag.exists() {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!(
+                        "injected: no space left on device ({} exists)",
+                        flag.display()
+                    ),
+                ));
+            }
+        }
+        self.file.write_all(bytes)?;
+        self.file.sync_data()
+    }
+
+    /// After a failed write: cuts what may have reached the file past its last durable byte,
+    /// puts memory back to what the log holds (a replay), drops what was staged, and refuses
+    /// commits from now on — until [`probe`](Self::probe) succeeds. Returns the error for the
+    /// requests whose records were lost. If the file cannot be cut back or read again, the store
+    /// cannot trust itself: it is poisoned instead (and its worker restarted).
+    fn roll_back(&mut self, cause: StoreError) -> StoreError {
+        self.staged.clear();
+        let cut = self
+            .file
+            .set_len(self.len)
+            .and_then(|()| self.file.sync_all())
+            .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop));
+        if let Err(e) = cut {
+            let path = self.log_path.clone();
+            return self.poison(io_error("cannot cut back", &path)(e));
+        }
+        let replayed = File::open(&self.log_path)
+            .map_err(io_error("cannot read", &self.log_path))
+            .and_then(|file| replay(&self.log_path, &file));
+        match replayed {
+            Ok(replayed) if replayed.damage.is_none() && replayed.valid_len == self.len => {
+                let mut state = replayed.state;
+                state.collect_unreferenced();
+                self.state = state;
+            }
+            Ok(replayed) => {
+                let reason = replayed
+                    .damage
+                    .unwrap_or_else(|| "a different length".to_owned());
+                return self.poison(StoreError::Foreign {
+                    path: self.log_path.clone(),
+                    reason: format!("read back after a failed write: {reason}"),
+                });
+            }
+            Err(e) => return self.poison(e),
+        }
+        let cause = Arc::new(cause);
+        if self.stats.disk.fail(&cause) {
+            log::warn!(
+                target: LOG,
+                "{cause}: the store refuses what needs the disk (persistent sessions, QoS 1/2 \
+                 messages for them, retained messages) until a write works again; it tries every \
+                 second. QoS 0 and clean sessions go on."
+            );
+        }
+        self.degraded = Some(cause.clone());
+        StoreError::WriteFailed(cause)
+    }
+
+    /// Refuses a commit while writes fail.
+    fn check_disk(&self) -> Result<(), StoreError> {
+        match &self.degraded {
+            Some(cause) => Err(StoreError::NoDisk(cause.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// While writes fail, tries one: a record that changes nothing (the message id counter as it
+    /// is), written and synced. If it works the store takes commits again; if not, the file is
+    /// cut back to its last durable byte. Returns whether the store can write now.
+    pub fn probe(&mut self) -> bool {
+        if self.poisoned.is_some() {
+            return false;
+        }
+        let Some(cause) = self.degraded.clone() else {
+            return true;
+        };
+        let record = match encode_record(&[Op::NextMessageId {
+            next: self.state.next_message_id(),
+        }]) {
+            Ok(record) => record,
+            Err(e) => {
+                self.poison(e);
+                return false;
+            }
+        };
+        match self.append(&record) {
+            Ok(()) => {
+                self.len += record.len() as u64;
+                self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.degraded = None;
+                let down = self.stats.disk.recover();
+                log::info!(
+                    target: LOG,
+                    "{}: writes work again after {down:.1?} ({cause}); the store takes every \
+                     request again",
+                    self.log_path.display()
+                );
+                true
+            }
+            Err(e) => {
+                log::debug!(target: LOG, "{}: still cannot write: {e}", self.log_path.display());
+                let cut = self
+                    .file
+                    .set_len(self.len)
+                    .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop));
+                if let Err(e) = cut {
+                    let path = self.log_path.clone();
+                    self.poison(io_error("cannot cut back", &path)(e));
+                }
+                false
+            }
+        }
+    }
+
     /// Whether the compaction rule says the log should be compacted now.
+    ///
+    /// Two reasons: the log has grown to `compact_ratio` times its size after the last compaction
+    /// (appends accumulate), or the stored messages have shrunk to less than `1/compact_ratio` of
+    /// what they were then (a queue was delivered: the log still holds it, and would never grow
+    /// enough to be compacted by the first reason).
     pub fn compaction_due(&self) -> bool {
+        let ratio = self.config.compact_ratio;
         self.len >= self.config.compact_min_bytes
-            && self.len >= self.base.saturating_mul(self.config.compact_ratio)
+            && (self.len >= self.base.saturating_mul(ratio)
+                || self.state.body_bytes().saturating_mul(ratio) < self.base_bodies)
     }
 
     /// Rewrites the log as a snapshot of the live state (syncing what is staged first). A failure
@@ -1516,6 +1752,7 @@ impl Store {
         self.file = file;
         self.len = len;
         self.base = len;
+        self.base_bodies = self.state.body_bytes();
         // Until the rename is durable a crash may bring back the old log, which lacks whatever is
         // appended from now on: nothing may be appended before this succeeds.
         if let Err(e) = sync_dir(&self.config.dir) {
@@ -1760,6 +1997,8 @@ pub enum StoreRequest {
     Presence { client: String, online: bool },
     /// Nobody is connected (a router starting: connections of a previous one are gone).
     NobodyOnline,
+    /// While writes fail: try one (see [`Store::probe`]).
+    Probe,
 }
 
 /// A read: run on the store's thread with the state (or why there is none).
@@ -1848,7 +2087,9 @@ impl BlockingWorker for StoreWorker {
                     let _ = reply.send(Err(StoreError::Closed));
                 }
                 StoreRequest::Read(read) => read(Err(StoreError::Closed)),
-                StoreRequest::Presence { .. } | StoreRequest::NobodyOnline => {}
+                StoreRequest::Presence { .. }
+                | StoreRequest::NobodyOnline
+                | StoreRequest::Probe => {}
             }
             return;
         };
@@ -1861,6 +2102,9 @@ impl BlockingWorker for StoreWorker {
             },
             StoreRequest::Presence { client, online } => store.set_online(&client, online),
             StoreRequest::NobodyOnline => store.online.clear(),
+            StoreRequest::Probe => {
+                store.probe();
+            }
             StoreRequest::Read(read) => {
                 self.flush();
                 if let Some(store) = &self.store {
@@ -1978,6 +2222,17 @@ impl StoreClient {
     /// connections a previous router knew are gone with it.
     pub fn nobody_online(&self) {
         self.send(StoreRequest::NobodyOnline);
+    }
+
+    /// Whether the store can write now (see [`Store::probe`]): what needs the disk is refused up
+    /// front while it cannot.
+    pub fn disk_ok(&self) -> bool {
+        self.stats.disk.ok()
+    }
+
+    /// Asks the store to try a write while writes fail; a no-op otherwise.
+    pub fn probe(&self) {
+        self.send(StoreRequest::Probe);
     }
 
     pub fn stats(&self) -> &StoreStats {

@@ -84,27 +84,49 @@ impl Broker {
     /// `args` added to the command line.
     pub fn ours(data: &DataDir, args: &[&str]) -> Broker {
         let mut cmd = Command::new(example_binary("broker", &["web"]));
-        let mut full: Vec<String> = vec![
-            "--bind".into(),
-            "127.0.0.1:0".into(),
-            "--health".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            data.path().display().to_string(),
-        ];
-        // Later flags win in clap only for options that allow it; let the caller's replace ours.
-        for a in args {
-            if let Some(pos) = full.iter().position(|f| f == a && a.starts_with("--")) {
-                full.drain(pos..pos + 2);
-            }
-        }
-        full.extend(args.iter().map(|s| s.to_string()));
-        cmd.args(&full).env_remove("RUST_LOG");
+        cmd.args(ours_args(data, args)).env_remove("RUST_LOG");
         // The broker's own default is INFO, with one `listening on` line; BROKER_LOG overrides.
         if let Ok(filter) = std::env::var("BROKER_LOG") {
             cmd.env("RUST_LOG", filter);
         }
         Broker::spawn(cmd, true)
+    }
+
+    /// [`ours`](Self::ours) with its data dir on a filesystem of its own of `size` (`4m`): a
+    /// tmpfs mounted over the data dir in a mount namespace of the broker's own (`unshare -rm`:
+    /// no root needed where user namespaces are allowed), gone with the process. `None` where
+    /// this machine allows no such thing. The test reaches the filesystem through
+    /// [`own_fs_path`](Self::own_fs_path).
+    pub fn ours_on_small_fs(data: &DataDir, size: &str, args: &[&str]) -> Option<Broker> {
+        let mount = format!("mount -t tmpfs -o size={size} tmpfs \"$0\" && exec \"$@\"");
+        let probe = Command::new("unshare")
+            .args(["-rm", "sh", "-c", &mount])
+            .arg(data.path())
+            .arg("true")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !probe.is_ok_and(|s| s.success()) {
+            return None;
+        }
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-rm", "sh", "-c", &mount])
+            .arg(data.path())
+            .arg(example_binary("broker", &["web"]))
+            .args(ours_args(data, args))
+            .env_remove("RUST_LOG");
+        if let Ok(filter) = std::env::var("BROKER_LOG") {
+            cmd.env("RUST_LOG", filter);
+        }
+        Some(Broker::spawn(cmd, true))
+    }
+
+    /// `path` (absolute) as this broker process sees it: through `/proc/<pid>/root`, so that a
+    /// filesystem mounted in its own namespace ([`ours_on_small_fs`](Self::ours_on_small_fs)) is
+    /// the one reached.
+    pub fn own_fs_path(&self, path: &Path) -> PathBuf {
+        let relative = path.strip_prefix("/").unwrap_or(path);
+        PathBuf::from(format!("/proc/{}/root", self.pid())).join(relative)
     }
 
     /// Like [`start`](Self::start), with `ours` added to our broker's command line, or `conf`
@@ -293,4 +315,25 @@ fn addr_after(line: &str, marker: &str) -> SocketAddr {
         .collect();
     text.parse()
         .unwrap_or_else(|e| panic!("`{text}` in `{line}` is not an address: {e}"))
+}
+
+/// Our broker's command line: a free port for MQTT and for health, `data` as its data dir, and
+/// `args` (replacing ours where they name the same flag).
+fn ours_args(data: &DataDir, args: &[&str]) -> Vec<String> {
+    let mut full: Vec<String> = vec![
+        "--bind".into(),
+        "127.0.0.1:0".into(),
+        "--health".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        data.path().display().to_string(),
+    ];
+    // Later flags win in clap only for options that allow it; let the caller's replace ours.
+    for a in args {
+        if let Some(pos) = full.iter().position(|f| f == a && a.starts_with("--")) {
+            full.drain(pos..pos + 2);
+        }
+    }
+    full.extend(args.iter().map(|s| s.to_string()));
+    full
 }

@@ -1157,6 +1157,87 @@ fn compaction_keeps_the_state_and_bounds_the_log() {
     assert!(!dir.0.join(COMPACT_FILE).exists());
 }
 
+/// A queue delivered gives its space back: the log, grown while the queue was big, is
+/// compacted once the stored messages have shrunk well below what they were at the last
+/// compaction, although it never grows enough again to be compacted for its own growth.
+#[test]
+fn the_log_shrinks_once_a_big_queue_is_delivered() {
+    let dir = TempDir::new("shrink");
+    let mut store = Store::open(compacting(&dir), Arc::default()).unwrap();
+    commit_all(&mut store, vec![open("a")]);
+    let payload = "q".repeat(4096);
+    for id in 0..400 {
+        let msg = message(id, "t/queued", 1, false, &payload);
+        commit_all(&mut store, vec![publish(msg, &[("a", 1)])]);
+        store.sync().unwrap();
+        if store.compaction_due() {
+            store.compact().unwrap();
+        }
+    }
+    let peak = store.log_len();
+    assert!(peak > 1 << 20, "{peak} bytes queued");
+    for id in 0..400 {
+        let pkid = (id % 100 + 1) as PacketId;
+        commit_all(&mut store, vec![sent("a", id, pkid), completed("a", pkid)]);
+        store.sync().unwrap();
+        if store.compaction_due() {
+            store.compact().unwrap();
+        }
+    }
+    assert_eq!(store.state().body_bytes(), 0);
+    assert!(
+        store.log_len() < peak / 10,
+        "{} bytes left of {peak} after the queue was delivered",
+        store.log_len()
+    );
+}
+
+/// A write that fails (a full disk) is undone — memory back to what the log has — and commits
+/// are refused, up front and applying nothing, until a probe finds writes working again; what
+/// was refused never reaches the log.
+#[test]
+fn a_failed_write_is_undone_and_commits_are_refused_until_a_probe_writes() {
+    let dir = TempDir::new("full");
+    let flag = dir.0.with_extension("full");
+    let mut config = dir.config();
+    config.fail_writes_while = Some(flag.clone());
+    let stats = Arc::new(StoreStats::default());
+    let mut store = Store::open(config.clone(), stats.clone()).unwrap();
+    commit_all(&mut store, vec![open("a"), subscribe("a", "kept", 1)]);
+    store.sync().unwrap();
+    let durable = store.state().clone();
+
+    fs::write(&flag, b"full").unwrap();
+    commit_all(&mut store, vec![subscribe("a", "lost", 1)]);
+    let error = store.sync().unwrap_err();
+    assert!(matches!(error, StoreError::WriteFailed(_)), "{error:?}");
+    assert_eq!(store.state(), &durable, "undone");
+    assert!(!stats.disk.ok());
+    assert!(stats
+        .disk
+        .failing()
+        .is_some_and(|(why, _)| why.contains("no space")));
+    let refused = store
+        .commit(vec![subscribe("a", "refused", 1)])
+        .unwrap_err();
+    assert!(matches!(refused, StoreError::NoDisk(_)), "{refused:?}");
+    assert_eq!(store.state(), &durable, "a refused commit applies nothing");
+    assert!(!store.probe(), "still full");
+
+    fs::remove_file(&flag).unwrap();
+    assert!(store.probe(), "space again");
+    assert!(stats.disk.ok());
+    commit_all(&mut store, vec![subscribe("a", "after", 1)]);
+    store.sync().unwrap();
+    let expected = store.state().clone();
+    drop(store);
+    let store = Store::open(config, Arc::default()).unwrap();
+    assert_eq!(store.state(), &expected);
+    let subscriptions = store.state().session("a").unwrap().subscriptions().clone();
+    let filters: Vec<&str> = subscriptions.keys().map(String::as_str).collect();
+    assert_eq!(filters, ["after", "kept"]);
+}
+
 #[test]
 fn a_big_log_is_compacted_at_open() {
     let dir = TempDir::new("compact-at-open");
