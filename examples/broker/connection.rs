@@ -1062,6 +1062,10 @@ impl Conn {
         }
         let _ = self.writer.shutdown().await;
         self.outbox.backlog.close();
+        if self.clean && self.registered {
+            // A persistent session's episode goes on offline, in the store.
+            self.shared.store.stats().drops.ended(&self.client);
+        }
         if self.registered {
             let _ = self.shared.router.do_send(Disconnected {
                 client: std::mem::take(&mut self.client),

@@ -139,6 +139,21 @@ impl Drops {
         );
     }
 
+    /// `client`'s session ended (a clean session's connection closed): an episode under way ends
+    /// with it, with an INFO line giving what it cost, so that the next session of that id
+    /// starts afresh.
+    pub fn ended(&self, client: &str) {
+        let mut sessions = self.sessions.lock();
+        let Some(episode) = sessions.get_mut(client).and_then(|s| s.episode.take()) else {
+            return;
+        };
+        log::info!(
+            target: LOG,
+            "session `{client}` ended; {episode} messages were dropped for it while it was over \
+             its quota"
+        );
+    }
+
     /// Messages dropped for sessions over their quota since the broker started.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)

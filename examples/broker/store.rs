@@ -1439,6 +1439,8 @@ impl Store {
                 );
             }
         }
+        // A new instance has not failed to write yet (a previous one may have).
+        store.stats.disk.recover();
         Ok(store)
     }
 
@@ -1733,6 +1735,7 @@ impl Store {
             let _ = fs::remove_file(&path);
             // Do not try again before the log has grown by the ratio once more.
             self.base = self.len;
+            self.base_bodies = self.state.body_bytes();
         })
     }
 
@@ -1742,6 +1745,7 @@ impl Store {
         if let Err(e) = fs::rename(&path, &self.log_path) {
             let _ = fs::remove_file(&path);
             self.base = self.len;
+            self.base_bodies = self.state.body_bytes();
             return Err(io_error(
                 "cannot rename the compacted log to",
                 &self.log_path,
