@@ -1,10 +1,13 @@
 //! The example broker as a process, seen from outside: malformed input closes only the offending
 //! connection; the command line's errors; SIGTERM and kill -9 under load lose no acknowledged
-//! message; a client that does not read cannot hold the shutdown; the health endpoint.
+//! message; a client that does not read cannot hold the shutdown; what a socket costs before
+//! its packets are whole (memory per half-open socket and per slow packet, the packet deadline,
+//! the broker-wide bound on unfinished packets); the health endpoint.
 //!
 //! The `malformed_*` tests are about MQTT 3.1.1 itself and also run against mosquitto
 //! (`BROKER_UNDER_TEST=mosquitto cargo test --all-features --test broker_process malformed`); the
-//! others are about our process (its flags, signals, data dir and report) and always run ours.
+//! others are about our process (its flags, signals, data dir, memory and report) and always run
+//! ours.
 //!
 //! Raw clients (`common::mqtt::Raw`) are written with rumqttc's packet codec over a blocking
 //! `TcpStream`, so a test controls every byte and every packet id (and records a message before
@@ -15,7 +18,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -363,6 +366,88 @@ fn malformed_reserved_bits_close_only_that_connection() {
         let peer = bad.local();
         let _ = bad.try_send_bytes(&bytes);
         assert_closed(&broker, &mut bad, peer, what, true);
+        observer.round_trip(&format!("after {what}"));
+    }
+}
+
+/// Asserts a line of our broker's log names `peer` (mosquitto's log is not checked).
+fn assert_logged(broker: &Broker, peer: SocketAddr, what: &str) {
+    if under_test() == "ours" {
+        assert!(
+            broker
+                .lines
+                .wait_for(REPLY_WITHIN, |l| names_peer(l, peer))
+                .is_some(),
+            "{what}: no log line names the peer {peer}; the broker's output:\n{}",
+            broker.output()
+        );
+    }
+}
+
+/// The first packet must be CONNECT (MQTT-3.1.0-1), and its first byte says whether it is: a
+/// connection that starts with another packet type is closed at once — not once the 1 MiB its
+/// header declares has come, nor at the CONNECT timeout (10 s).
+#[test]
+fn malformed_first_packet_not_connect_is_closed_at_once() {
+    const AT_ONCE: Duration = Duration::from_secs(5);
+    let data = DataDir::new("malformed_not_connect");
+    let broker = Broker::start(&data);
+    let mut observer = Observer::new(broker.addr, "not-connect");
+
+    let mut bad = Raw::tcp(broker.addr);
+    let peer = bad.local();
+    // A PUBLISH's fixed header, remaining length 1 MiB, and none of the rest.
+    bad.send_bytes(&[0x30, 0x80, 0x80, 0x40]);
+    match bad.closed_within(AT_ONCE) {
+        Ok(took) => eprintln!("a PUBLISH header first: closed after {took:?}"),
+        Err(e) => panic!(
+            "a PUBLISH header first: {e} (the CONNECT timeout is 10 s); the broker's output:\n{}",
+            broker.output()
+        ),
+    }
+    assert_logged(&broker, peer, "a PUBLISH header first");
+    observer.round_trip("after a PUBLISH header first");
+}
+
+/// A CONNECT's fields must fill its remaining length exactly: bytes after its payload make it
+/// malformed, and the connection is closed without a CONNACK.
+#[test]
+fn malformed_connect_with_bytes_after_its_payload_is_closed() {
+    let data = DataDir::new("malformed_connect_trailing");
+    let broker = Broker::start(&data);
+    let mut observer = Observer::new(broker.addr, "connect-trailing");
+
+    let mut connect = encode(&Packet::Connect(Connect::new("connect-trailing"))).to_vec();
+    assert!(connect[1] < 120, "a one-byte remaining length");
+    connect[1] += 3;
+    connect.extend([0x00, 0x01, b'x']);
+    let mut bad = Raw::tcp(broker.addr);
+    let peer = bad.local();
+    let _ = bad.try_send_bytes(&connect);
+    bad.expect_closed("a CONNECT with 3 bytes after its payload");
+    assert_logged(&broker, peer, "a CONNECT with 3 bytes after its payload");
+    observer.round_trip("after a CONNECT with bytes after its payload");
+}
+
+/// A UTF-8 string in MQTT must not contain U+0000 (MQTT-1.5.3-2): a CONNECT whose client id or
+/// user name does is closed without a CONNACK.
+#[test]
+fn malformed_nul_in_client_id_or_user_name_is_closed() {
+    let data = DataDir::new("malformed_connect_nul");
+    let broker = Broker::start(&data);
+    let mut observer = Observer::new(broker.addr, "connect-nul");
+
+    let mut user = Connect::new("nul-user");
+    user.login = Some(rumqttc::mqttbytes::v4::Login::new("us\0er", "secret"));
+    for (what, connect) in [
+        ("a client id with U+0000", Connect::new("nul\0id")),
+        ("a user name with U+0000", user),
+    ] {
+        let mut bad = Raw::tcp(broker.addr);
+        let peer = bad.local();
+        let _ = bad.try_send_bytes(&encode(&Packet::Connect(connect)));
+        bad.expect_closed(what);
+        assert_logged(&broker, peer, what);
         observer.round_trip(&format!("after {what}"));
     }
 }
@@ -951,6 +1036,26 @@ fn cli_health_address_in_use_exits_2() {
         "the message does not say the health address is in use:\n{out}"
     );
     drop(taken);
+}
+
+#[test]
+fn cli_max_incomplete_bytes_below_max_packet_size_exits_2() {
+    let data = DataDir::new("cli_incomplete_below_packet");
+    let out = cli_error(
+        &data,
+        &[
+            "--bind",
+            "127.0.0.1:0",
+            "--max-packet-size",
+            "100000",
+            "--max-incomplete-bytes",
+            "99999",
+        ],
+    );
+    assert!(
+        out.contains("--max-incomplete-bytes") && out.contains("--max-packet-size"),
+        "the message does not name both flags:\n{out}"
+    );
 }
 
 /// The numbers of the last line: `closed N connections, delivered M messages during the drain,
@@ -1674,6 +1779,428 @@ fn a_client_that_writes_and_never_reads_is_pushed_back() {
     let mut observer = Observer::new(broker.addr, "write-only");
     observer.round_trip("while a client is pushed back");
     drop(raw);
+    broker.stop(CLOSE_WITHIN);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory before a packet is whole (ours)
+// ---------------------------------------------------------------------------------------------
+
+/// Raises this process's limit of open files to its hard limit (a broker started after this, a
+/// child, inherits it), and asserts it is at least `need`.
+fn raise_fd_limit(need: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on this process, with a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        }
+    }
+    assert!(
+        limit.rlim_cur >= need,
+        "this test needs {need} open files; the limit is {} (hard {})",
+        limit.rlim_cur,
+        limit.rlim_max
+    );
+}
+
+/// How many files `pid` has open.
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+/// Opens `n` connections to the broker, never more than 64 ahead of those it has accepted: its
+/// accept queue holds 128, and past that the kernel drops a connection's SYN, which the client
+/// sends again only a second later.
+fn connect_many(broker: &Broker, n: usize) -> Vec<TcpStream> {
+    let pid = broker.pid();
+    let base = open_fds(pid);
+    let start = Instant::now();
+    let mut sockets = Vec::with_capacity(n);
+    for i in 0..n {
+        if i % 64 == 0 {
+            while open_fds(pid) < base + i {
+                assert!(
+                    start.elapsed() < REPLY_WITHIN,
+                    "the broker accepted {} of {i} connections in {REPLY_WITHIN:?}",
+                    open_fds(pid).saturating_sub(base)
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        sockets.push(
+            TcpStream::connect_timeout(&broker.addr, CLOSE_WITHIN).expect("connect to the broker"),
+        );
+    }
+    sockets
+}
+
+/// An established IPv4 TCP socket of this machine, from `/proc/net/tcp`: its ports, and the
+/// bytes in its send queue (not yet taken by the peer) and its receive queue (not yet read by
+/// its process).
+struct TcpSocket {
+    local: u16,
+    remote: u16,
+    send_queue: u64,
+    recv_queue: u64,
+}
+
+fn tcp_sockets() -> Vec<TcpSocket> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = |addr: &str| {
+        let hex = addr.rsplit(':').next()?;
+        u16::from_str_radix(hex, 16).ok()
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // `st` 01: ESTABLISHED.
+            if fields.len() < 5 || fields[3] != "01" {
+                return None;
+            }
+            let (send, recv) = fields[4].split_once(':')?;
+            Some(TcpSocket {
+                local: port(fields[1])?,
+                remote: port(fields[2])?,
+                send_queue: u64::from_str_radix(send, 16).ok()?,
+                recv_queue: u64::from_str_radix(recv, 16).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The broker's connections (local port `port`): how many, and the bytes waiting in their
+/// receive queues, that the broker has not read.
+fn broker_unread(port: u16) -> (usize, u64) {
+    let sockets: Vec<TcpSocket> = tcp_sockets()
+        .into_iter()
+        .filter(|s| s.local == port)
+        .collect();
+    (sockets.len(), sockets.iter().map(|s| s.recv_queue).sum())
+}
+
+/// The bytes a client (local port `client`) has written that the broker (port `broker`) has not
+/// read: in the client's send queue or in the broker's receive queue.
+fn unread_from(client: u16, broker: u16) -> u64 {
+    tcp_sockets()
+        .iter()
+        .filter(|s| {
+            (s.local == client && s.remote == broker) || (s.local == broker && s.remote == client)
+        })
+        .map(|s| {
+            if s.local == client {
+                s.send_queue
+            } else {
+                s.recv_queue
+            }
+        })
+        .sum()
+}
+
+/// Waits until the broker has read everything sent to its `port` and holds at least `open`
+/// connections to it (its receive queues are empty), within `within` of `start`.
+fn wait_until_read(port: u16, open: usize, start: Instant, within: Duration, what: &str) {
+    loop {
+        let (sockets, unread) = broker_unread(port);
+        if sockets >= open && unread == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what}: after {within:?}, {sockets} connections (of {open}) with {unread} bytes the \
+             broker has not read"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A PUBLISH at QoS 1 to `topic` whose payload makes the whole packet `size` bytes.
+fn publish_of_size(topic: &str, pkid: u16, size: usize) -> Vec<u8> {
+    // Fixed header (4 bytes for a remaining length over 16 KiB), topic with its length, pkid.
+    let overhead = 1 + 3 + 2 + topic.len() + 2;
+    let packet = encode(&publish(
+        topic,
+        QoS::AtLeastOnce,
+        pkid,
+        vec![b'.'; size - overhead],
+    ))
+    .to_vec();
+    assert_eq!(packet.len(), size);
+    packet
+}
+
+/// 2,000 sockets that connected and sent nothing, or only the first bytes of a CONNECT, cost the
+/// broker little memory each: it reserves nothing for bytes that have not arrived.
+#[test]
+fn memory_per_half_open_socket_is_at_most_4_kb() {
+    const SOCKETS: usize = 2_000;
+    /// Bytes of the broker's RSS per socket, at most.
+    const BOUND: u64 = 4 * 1024;
+    raise_fd_limit(3 * SOCKETS as u64);
+    let data = DataDir::new("half_open");
+    let mut broker = Broker::ours(&data, &[]);
+    let pid = broker.pid();
+    // Serving a connection once makes the allocations that happen only once.
+    let mut observer = Observer::new(broker.addr, "half-open");
+    let connect = encode(&Packet::Connect(Connect::new("half-open")));
+
+    let fds = open_fds(pid);
+    let before = rss(pid).expect("the broker's RSS");
+    let start = Instant::now();
+    let mut sockets = connect_many(&broker, SOCKETS);
+    // Every other one sends 8 bytes of a CONNECT (fixed header, "MQTT" with its length), the
+    // last one too: once its bytes are read, the broker has taken every socket before it.
+    for socket in sockets.iter_mut().skip(1).step_by(2) {
+        socket
+            .write_all(&connect[..8])
+            .expect("send the start of a CONNECT");
+    }
+    // Accepted (the broker holds a descriptor for each) and read — well before the CONNECT
+    // timeout (10 s) closes the first ones.
+    let port = broker.addr.port();
+    loop {
+        let accepted = open_fds(pid).saturating_sub(fds);
+        let (_, unread) = broker_unread(port);
+        if accepted >= SOCKETS && unread == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "after 8 s the broker has accepted {accepted} of {SOCKETS} sockets, with {unread} \
+             bytes unread"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = rss(pid).expect("the broker's RSS");
+    let per_socket = after.saturating_sub(before) / SOCKETS as u64;
+    eprintln!(
+        "half-open: {SOCKETS} sockets (half with 8 bytes of a CONNECT) took the broker from {} \
+         to {} KiB of RSS: {per_socket} bytes per socket (bound {BOUND})",
+        before >> 10,
+        after >> 10
+    );
+    assert!(
+        per_socket <= BOUND,
+        "{per_socket} bytes of RSS per half-open socket (at most {BOUND})"
+    );
+    observer.round_trip("with 2,000 half-open sockets");
+    drop(sockets);
+    broker.stop(CLOSE_WITHIN);
+}
+
+/// 2,000 connected clients with keep-alive 0, each in the middle of a 1 MiB PUBLISH (its fixed
+/// header and a few bytes sent), cost the broker little memory each: a buffer grows with what
+/// arrives, not with what a header declares.
+#[test]
+fn memory_per_slow_packet_is_at_most_4_kb() {
+    const CLIENTS: usize = 2_000;
+    /// Bytes of the broker's RSS per slow packet, at most: what arrived (40 bytes) in a buffer
+    /// sized by what arrives, with the allocator's overhead — below a page, which a buffer
+    /// reserved for the declared 1 MiB (or for one 64 KiB read) would touch.
+    const BOUND: u64 = 4 * 1024;
+    /// Bytes of the broker's RSS per client, connection included, at most: a connection's task,
+    /// mailbox and socket (about 4 KiB), and its slow packet.
+    const CLIENT_BOUND: u64 = 8 * 1024;
+    raise_fd_limit(3 * CLIENTS as u64);
+    let data = DataDir::new("slow_packets");
+    let mut broker = Broker::ours(&data, &[]);
+    let pid = broker.pid();
+    let mut observer = Observer::new(broker.addr, "slow-packets");
+    let port = broker.addr.port();
+
+    let idle = rss(pid).expect("the broker's RSS");
+    let start = Instant::now();
+    let mut clients = connect_many(&broker, CLIENTS);
+    for (i, client) in clients.iter_mut().enumerate() {
+        let mut connect = Connect::new(format!("slow-{i}"));
+        connect.keep_alive = 0;
+        client
+            .write_all(&encode(&Packet::Connect(connect)))
+            .expect("send CONNECT");
+    }
+    for client in &mut clients {
+        client.set_read_timeout(Some(REPLY_WITHIN)).unwrap();
+        let mut connack = [0u8; 4];
+        client.read_exact(&mut connack).expect("CONNACK");
+        assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK, accepted");
+    }
+    let connected = rss(pid).expect("the broker's RSS");
+
+    let packet = publish_of_size("slow/packet", 1, 1 << 20);
+    // The fixed header, the topic, the packet id and 28 bytes of the payload.
+    let start_of_packet = &packet[..40];
+    for client in &mut clients {
+        client
+            .write_all(start_of_packet)
+            .expect("send the start of a PUBLISH");
+    }
+    wait_until_read(port, CLIENTS, start, REPLY_WITHIN, "slow packets");
+    let after = rss(pid).expect("the broker's RSS");
+    let per_connected = connected.saturating_sub(idle) / CLIENTS as u64;
+    let per_packet = after.saturating_sub(connected) / CLIENTS as u64;
+    let per_client = after.saturating_sub(idle) / CLIENTS as u64;
+    eprintln!(
+        "slow packets: {CLIENTS} clients connected took the broker from {} to {} KiB of RSS \
+         ({per_connected} bytes each); 40 bytes of a 1 MiB PUBLISH from each, to {} KiB: \
+         {per_packet} bytes per slow packet (bound {BOUND}), {per_client} per client (bound \
+         {CLIENT_BOUND})",
+        idle >> 10,
+        connected >> 10,
+        after >> 10
+    );
+    assert!(
+        per_packet <= BOUND,
+        "{per_packet} bytes of RSS per slow packet of 1 MiB with 40 bytes sent (at most {BOUND})"
+    );
+    assert!(
+        per_client <= CLIENT_BOUND,
+        "{per_client} bytes of RSS per client with a slow packet (at most {CLIENT_BOUND})"
+    );
+    observer.round_trip("with 2,000 slow packets in progress");
+    drop(clients);
+    broker.stop(CLOSE_WITHIN);
+}
+
+/// A packet in progress must be whole within --packet-timeout of its first byte, whatever the
+/// keep-alive (0 here: none) and however steadily its bytes trickle in; a client with no packet
+/// in progress is not concerned.
+#[test]
+fn a_packet_in_progress_is_closed_at_its_deadline_whatever_the_keep_alive() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let data = DataDir::new("packet_timeout");
+    let mut broker = Broker::ours(&data, &["--packet-timeout", "1s"]);
+    let mut observer = Observer::new(broker.addr, "packet-timeout");
+    let (mut idle, _) = Raw::connect_keep_alive(broker.addr, "packet-timeout-idle", true, 0);
+    let (mut slow, _) = Raw::connect_keep_alive(broker.addr, "packet-timeout-slow", true, 0);
+    let peer = slow.local();
+
+    let packet = publish_of_size("slow/packet", 1, 64 * 1024);
+    slow.send_bytes(&packet[..40]);
+    let start = Instant::now();
+    // A byte every 100 ms: bytes arriving do not move the deadline, only a whole packet does.
+    let took = loop {
+        let sent = 40 + (start.elapsed().as_millis() / 100) as usize;
+        if slow.stream.write_all(&packet[sent..sent + 1]).is_err() {
+            break start.elapsed();
+        }
+        if slow.closed_within(Duration::from_millis(100)).is_ok() {
+            break start.elapsed();
+        }
+        assert!(
+            start.elapsed() < CLOSE_WITHIN,
+            "a packet in progress for {CLOSE_WITHIN:?} (deadline {TIMEOUT:?}) is still open; \
+             the broker's output:\n{}",
+            broker.output()
+        );
+    };
+    eprintln!("packet timeout {TIMEOUT:?}: closed after {took:?}");
+    assert!(
+        took >= TIMEOUT.mul_f64(0.8),
+        "closed after {took:?}, before its deadline ({TIMEOUT:?})"
+    );
+    assert_logged(&broker, peer, "a packet past its deadline");
+    // Idle since its CONNECT (longer than the deadline), it is still served.
+    idle.send(Packet::PingReq);
+    assert!(matches!(idle.recv("PINGRESP"), Packet::PingResp));
+    observer.round_trip("after a packet past its deadline");
+    broker.stop(CLOSE_WITHIN);
+}
+
+/// Bytes held by unfinished packets are bounded broker-wide (--max-incomplete-bytes): a packet
+/// that would go past the bound is read no further than its connection's own 64 KiB until
+/// another packet completes and frees room — meanwhile its keep-alive does not run out (the
+/// silence is the broker's), and clients with small packets are served.
+#[test]
+fn a_packet_past_the_broker_wide_bound_waits_for_room() {
+    /// What a connection reads of a packet without room in the bound.
+    const ALLOWANCE: u64 = 64 * 1024;
+    const SIZE: usize = 1 << 20;
+    let data = DataDir::new("incomplete_bound");
+    // Room for two 1 MiB packets beyond their first 64 KiB, not three.
+    let bound = (2 * (SIZE as u64 - ALLOWANCE) + ALLOWANCE).to_string();
+    let mut broker = Broker::ours(&data, &["--max-incomplete-bytes", &bound]);
+    let port = broker.addr.port();
+    let mut observer = Observer::new(broker.addr, "incomplete-bound");
+
+    // Two packets half sent hold the room.
+    let mut holders = Vec::new();
+    for i in 0..2 {
+        let (mut holder, _) =
+            Raw::connect_keep_alive(broker.addr, &format!("bound-holder-{i}"), true, 0);
+        let packet = publish_of_size("bound/holder", 1, SIZE);
+        holder.send_bytes(&packet[..SIZE / 2]);
+        holders.push((holder, packet));
+    }
+    let start = Instant::now();
+    for (holder, _) in &holders {
+        let local = holder.local().port();
+        while unread_from(local, port) > 0 {
+            assert!(
+                start.elapsed() < REPLY_WITHIN,
+                "the broker does not read a packet that has room"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    // A third is sent whole, from a thread: the broker must leave most of it in the socket.
+    let (mut late, _) = Raw::connect_keep_alive(broker.addr, "bound-late", true, 1);
+    let waiting = Instant::now();
+    let late_port = late.local().port();
+    let packet = publish_of_size("bound/late", 1, SIZE);
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let mut stream = late.stream.try_clone().expect("clone the socket");
+        let written = written.clone();
+        std::thread::spawn(move || {
+            stream.set_write_timeout(Some(CLOSE_WITHIN)).unwrap();
+            for chunk in packet.chunks(16 * 1024) {
+                stream.write_all(chunk).expect("write the late packet");
+                written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    // Small packets go through meanwhile; the late packet gets no answer.
+    observer.round_trip("while the bound is full");
+    observer.round_trip("while the bound is full, again");
+    late.expect_silence("a packet past the bound");
+    // Sampled while the writer is still: what it wrote, less what waits in the sockets.
+    let (read, unread) = loop {
+        let before = written.load(Ordering::Relaxed);
+        let unread = unread_from(late_port, port);
+        if written.load(Ordering::Relaxed) == before {
+            break (before.saturating_sub(unread), unread);
+        }
+    };
+    eprintln!(
+        "bound full: the broker read {read} bytes of a 1 MiB packet; {unread} wait in the socket"
+    );
+    assert!(
+        unread > 0 && read <= ALLOWANCE,
+        "the broker read {read} bytes of a packet with no room (its allowance is {ALLOWANCE}), \
+         {unread} left in the socket"
+    );
+    // Time is the subject: past 1.5 × the late client's keep-alive, it is still connected.
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(waiting.elapsed()));
+
+    // One holder completes its packet: its room goes to the late packet.
+    let (mut holder, packet) = holders.remove(0);
+    holder.send_bytes(&packet[SIZE / 2..]);
+    assert!(matches!(holder.recv("PUBACK"), Packet::PubAck(_)));
+    assert!(matches!(late.recv("PUBACK"), Packet::PubAck(_)));
+    writer.join().expect("the late packet's writer");
+    observer.round_trip("after the late packet");
+    drop(holders);
     broker.stop(CLOSE_WITHIN);
 }
 

@@ -39,6 +39,23 @@ pub struct Args {
     #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(2..=268_435_460))]
     pub max_packet_size: u64,
 
+    /// How long a packet may take to arrive, from its first byte to its last, whatever the
+    /// client's keep-alive (`30s`, `2m`); a connection whose packet is not whole by then is
+    /// closed (logged with the peer's address). The default lets a packet of the default
+    /// --max-packet-size come over a link of 150 kbit/s. While the broker holds a client's
+    /// requests back for a slow subscriber, the clock stops.
+    #[arg(long, default_value = "60s")]
+    pub packet_timeout: Budget,
+
+    /// Bytes the broker holds for packets still arriving, all connections together, beyond the
+    /// first 64 KiB of each (what one read takes: packets up to that size never wait). A bigger
+    /// packet, once its first 64 KiB are in, takes room for all of its rest before more of it is
+    /// read; when there is not enough, its connection is not read until other packets complete
+    /// and give theirs back, or --packet-timeout closes it. At least --max-packet-size.
+    /// [default: 64 MiB, or --max-packet-size if larger]
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_incomplete_bytes: Option<u64>,
+
     /// QoS 1 and 2 messages sent to a client and not acknowledged yet, at most.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=65_535))]
     pub max_inflight: u64,

@@ -34,6 +34,19 @@
 //! packets wait in `gates` (with everything encoded after them, to keep the order) until the
 //! store answers.
 //!
+//! **Before a packet is whole.** A connection reserves nothing for bytes that have not arrived
+//! ([`Input`]): it has no buffer until its socket is readable, its reads start at [`MIN_READ`]
+//! bytes and double only while they come back full (up to [`READ_CHUNK`], what a publisher
+//! streaming at full speed gets every time), its buffer grows with the packet in progress, never
+//! past the size its header declares, and is let go when it is empty. The first byte must start
+//! a CONNECT (anything else is refused at once), whole within 10 s of the connection; every
+//! packet must be whole within `--packet-timeout` of its first byte, whatever the keep-alive
+//! (the clock stops while the connection holds requests back for a slow subscriber). Bytes of
+//! unfinished packets beyond each connection's first [`OWN_INCOMPLETE`] are bounded broker-wide
+//! by `--max-incomplete-bytes` ([`Incomplete`]): a bigger packet takes room for all of its rest
+//! before reading on, or its connection is not read until room is given back (or its deadline
+//! closes it); clients whose packets fit in one read never wait.
+//!
 //! **Shutdown.** [`ToConn::Quiesce`]: PUBLISH packets from the client are no longer taken (not
 //! acknowledged, so the client sends them again after reconnecting); the connection answers
 //! once its outstanding publications are routed. [`ToConn::Close`]: it sends what it holds,
@@ -53,7 +66,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,10 +77,10 @@ use rumqttc::mqttbytes::v4::{
     SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::outbox::{Awaiting, ConnId, Deliver, Outbox, Outgoing, ToConn};
 use crate::quota::{Overflow, Quota};
@@ -94,6 +107,12 @@ const OUT_MAX: usize = 2 * OUT_HIGH;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most bytes one read takes from the socket.
 const READ_CHUNK: usize = 64 * 1024;
+/// The first read of a connection, and the smallest: a typical CONNECT fits in it, and so do
+/// acknowledgements and PINGREQ; reads grow from there as fast as bytes come.
+const MIN_READ: usize = 128;
+/// Bytes of a packet in progress a connection may hold without room in the broker-wide bound
+/// ([`Incomplete`]): one read's worth, so that packets up to that size never wait for room.
+const OWN_INCOMPLETE: usize = READ_CHUNK;
 
 /// The broker's limits, from its command line.
 #[derive(Clone, Debug)]
@@ -102,6 +121,8 @@ pub struct Limits {
     pub max_inflight: usize,
     /// What may wait for this client (see [`crate::quota`]).
     pub quota: Quota,
+    /// How long a packet may take from its first byte to its last.
+    pub packet_timeout: Duration,
 }
 
 /// Counters the broker prints when it stops.
@@ -119,6 +140,232 @@ pub struct Shared {
     pub store: StoreClient,
     pub limits: Limits,
     pub stats: Arc<Stats>,
+    pub incomplete: Arc<Incomplete>,
+}
+
+/// The broker-wide bound on bytes of packets in progress beyond each connection's own
+/// [`OWN_INCOMPLETE`]. A packet bigger than that share, once the share has arrived, takes room
+/// for all the rest of it at once, before reading on, and gives it back when it is whole (or its
+/// connection ends): a packet with room is read to its end whatever other packets do, so waits
+/// for room never form a cycle. Connections waiting for room are not read; they are woken when
+/// some is given back, and their packet's deadline runs meanwhile.
+pub struct Incomplete {
+    max: usize,
+    used: AtomicUsize,
+    freed: Notify,
+}
+
+impl Incomplete {
+    pub fn new(max: usize) -> Incomplete {
+        Incomplete {
+            max,
+            used: AtomicUsize::new(0),
+            freed: Notify::new(),
+        }
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&total| total <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.used.fetch_sub(n, Ordering::AcqRel);
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Resolves once `n` bytes are free (taking them is up to the caller, and may fail again).
+    async fn room_for(&self, n: usize) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.used.load(Ordering::Acquire).saturating_add(n) <= self.max {
+                return;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// What a connection has read from its socket and not decoded yet, and how it reads.
+///
+/// Nothing is reserved for bytes that have not arrived: a connection waits for its socket to be
+/// readable before it has a buffer, reads [`MIN_READ`] bytes at first, and doubles its reads only
+/// while they come back full (up to [`READ_CHUNK`]); a packet that keeps arriving is read up to
+/// its declared end at once. The buffer grows geometrically for a packet in progress, never past
+/// the packet's size, and is let go whenever it is empty — an idle connection holds none.
+struct Input {
+    buf: BytesMut,
+    /// The next read's size.
+    chunk: usize,
+    /// The last read filled what it was given: more is probably waiting.
+    full: bool,
+    /// Room taken in [`Incomplete`] for the packet in progress.
+    room: usize,
+    /// When the first byte of the packet in progress was read.
+    since: Option<Instant>,
+    /// The broker stopped reading (flow control) while a packet was in progress.
+    stalled: bool,
+    /// Not read until room is given back in [`Incomplete`].
+    waiting: bool,
+    incomplete: Arc<Incomplete>,
+}
+
+impl Drop for Input {
+    fn drop(&mut self) {
+        self.incomplete.give_back(self.room);
+    }
+}
+
+impl Input {
+    fn new(incomplete: Arc<Incomplete>) -> Input {
+        Input {
+            buf: BytesMut::new(),
+            chunk: MIN_READ,
+            full: false,
+            room: 0,
+            since: None,
+            stalled: false,
+            waiting: false,
+            incomplete,
+        }
+    }
+
+    /// Waits for bytes and reads some; `Ok(false)` at the socket's end. Cancel-safe: bytes and
+    /// room are taken only between the awaits.
+    async fn read(&mut self, reader: &OwnedReadHalf) -> std::io::Result<bool> {
+        loop {
+            // Polled, not `readable()`: that future is three times the size of this one, and a
+            // connection's task is as large as its largest step.
+            std::future::poll_fn(|cx| reader.as_ref().poll_read_ready(cx)).await?;
+            let want = match self.next_read() {
+                Ok(want) => want,
+                Err(need) => {
+                    self.waiting = true;
+                    self.incomplete.room_for(need).await;
+                    continue;
+                }
+            };
+            self.waiting = false;
+            let want = self.make_room(want);
+            match reader.try_read_buf(&mut (&mut self.buf).limit(want)) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.full = n == want;
+                    if self.full {
+                        self.chunk = (self.chunk * 2).min(READ_CHUNK);
+                    } else if n <= self.chunk / 4 {
+                        self.chunk = (self.chunk / 2).max(MIN_READ);
+                    }
+                    return Ok(true);
+                }
+                // Readiness can be spurious (a new socket reports it at once): nothing is kept
+                // for bytes that have not come.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.buf.is_empty() {
+                        self.buf = BytesMut::new();
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// How many bytes to read next, or — when the packet in progress has its connection's own
+    /// share and there is no room for the rest — `Err` with the room it waits for.
+    fn next_read(&mut self) -> Result<usize, usize> {
+        let len = self.buf.len();
+        let mut want = self.chunk;
+        let Some(frame) = wire::frame_length(&self.buf) else {
+            return Ok(want);
+        };
+        if self.full {
+            // The packet keeps coming: its declared rest in one read.
+            want = want.max(frame.saturating_sub(len).min(READ_CHUNK));
+        }
+        if frame > OWN_INCOMPLETE && self.room == 0 {
+            // Room is taken only once the connection's own share has arrived: a header alone
+            // (what costs a client nothing) takes none.
+            if len < OWN_INCOMPLETE {
+                want = want.min(OWN_INCOMPLETE - len);
+            } else {
+                let need = frame - OWN_INCOMPLETE;
+                if !self.incomplete.try_take(need) {
+                    return Err(need);
+                }
+                self.room = need;
+            }
+        }
+        Ok(want)
+    }
+
+    /// Makes room in the buffer for a read of `want` bytes; returns what to read.
+    fn make_room(&mut self, want: usize) -> usize {
+        let len = self.buf.len();
+        let spare = self.buf.capacity() - len;
+        let frame = wire::frame_length(&self.buf);
+        if spare >= want {
+            return want;
+        }
+        // The rest of the packet in progress fits: no copy for bytes that may never come.
+        if let Some(frame) = frame {
+            if spare > 0 && spare >= frame - len.min(frame) {
+                return spare;
+            }
+        }
+        // Geometric for a packet in progress (the copies stay linear in its size), never past
+        // its end or what it may hold without room; a fresh buffer, not `reserve`, which may
+        // double it and copy all of its capacity.
+        let mut capacity = len + want;
+        if let Some(frame) = frame {
+            let end = if self.room > 0 {
+                frame
+            } else {
+                frame.min(OWN_INCOMPLETE)
+            };
+            capacity = capacity.max((2 * len).min(end));
+        }
+        let mut fresh = BytesMut::with_capacity(capacity);
+        fresh.extend_from_slice(&self.buf);
+        self.buf = fresh;
+        want
+    }
+
+    /// After decoding: `took` whole packets were taken from the buffer. Gives back the room of
+    /// a packet that is whole, starts the clock of one that began, lets go of an empty buffer.
+    fn settle(&mut self, took: bool) {
+        if took {
+            self.incomplete.give_back(std::mem::take(&mut self.room));
+            self.since = None;
+        }
+        if self.buf.is_empty() {
+            self.since = None;
+            self.buf = BytesMut::new();
+        } else if self.since.is_none() {
+            self.since = Some(Instant::now());
+        }
+    }
+
+    /// When the packet in progress must be whole, if one is; the clock stops while the broker
+    /// does not read for flow control (`held`: requests wait for other clients), and starts over
+    /// when it reads again.
+    fn deadline(&mut self, timeout: Duration, held: bool) -> Option<tokio::time::Instant> {
+        if held {
+            self.stalled = true;
+            return None;
+        }
+        if std::mem::take(&mut self.stalled) && self.since.is_some() {
+            self.since = Some(Instant::now());
+        }
+        self.since
+            .map(|since| tokio::time::Instant::from_std(since + timeout))
+    }
 }
 
 /// Why a connection ended.
@@ -201,15 +448,20 @@ enum Request {
 }
 
 /// Serves one TCP connection to its end.
-pub async fn serve(
+///
+/// The connection is built before the returned future first runs, and its end is boxed when it
+/// comes: a task's state is as large as its largest step, and a socket that has not connected
+/// should hold one `Conn` and the handshake's state, not their copies in `finish` too.
+pub fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     outbox: Outbox,
     mailbox: mpsc::UnboundedReceiver<ToConn>,
     shared: Arc<Shared>,
-) {
+) -> impl Future<Output = ()> {
     let _ = stream.set_nodelay(true);
     let (reader, writer) = stream.into_split();
+    let input = Input::new(shared.incomplete.clone());
     let mut conn = Conn {
         id: outbox.conn,
         peer,
@@ -218,8 +470,9 @@ pub async fn serve(
         mailbox,
         reader,
         writer,
-        input: BytesMut::with_capacity(4096),
-        out: BytesMut::with_capacity(4096),
+        input,
+        // Allocated by the first packet encoded: a client that never connects costs nothing here.
+        out: BytesMut::new(),
         client: String::new(),
         clean: true,
         keep_alive: None,
@@ -242,16 +495,18 @@ pub async fn serve(
         last_packet: Instant::now(),
         finished: false,
     };
-    let end = match conn.handshake().await {
-        // Clients may send packets right behind CONNECT without waiting for CONNACK (§3.1.4).
-        Ok(true) => match conn.on_input() {
-            Some(end) => end,
-            None => conn.run().await,
-        },
-        Ok(false) => End::Disconnect,
-        Err(end) => end,
-    };
-    conn.finish(end).await;
+    async move {
+        let end = match conn.handshake().await {
+            // Clients may send packets right behind CONNECT without waiting for CONNACK (§3.1.4).
+            Ok(true) => match conn.on_input() {
+                Some(end) => end,
+                None => conn.run().await,
+            },
+            Ok(false) => End::Disconnect,
+            Err(end) => end,
+        };
+        Box::pin(conn.finish(end)).await;
+    }
 }
 
 struct Conn {
@@ -262,7 +517,7 @@ struct Conn {
     mailbox: mpsc::UnboundedReceiver<ToConn>,
     reader: OwnedReadHalf,
     writer: OwnedWriteHalf,
-    input: BytesMut,
+    input: Input,
     out: BytesMut,
     client: String,
     clean: bool,
@@ -324,14 +579,20 @@ impl Conn {
     async fn handshake(&mut self) -> Result<bool, End> {
         let until = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         let max = self.shared.limits.max_packet_size;
+        let packet_timeout = self.shared.limits.packet_timeout;
         let connect = loop {
-            wire::check_next(&self.input, max).map_err(violation)?;
-            match Packet::read(&mut self.input, max) {
-                Ok(Packet::Connect(connect)) => break connect,
+            // Known from the first byte: nothing else of a packet that is not CONNECT is read.
+            wire::check_first(&self.input.buf).map_err(violation)?;
+            wire::check_next(&self.input.buf, max).map_err(violation)?;
+            match Packet::read(&mut self.input.buf, max) {
+                Ok(Packet::Connect(connect)) => {
+                    self.input.settle(true);
+                    break connect;
+                }
                 Ok(other) => {
                     return Err(violation(format!("{} before CONNECT", packet_name(&other))))
                 }
-                Err(CodecError::InsufficientBytes(_)) => {}
+                Err(CodecError::InsufficientBytes(_)) => self.input.settle(false),
                 Err(CodecError::InvalidProtocolLevel(level)) => {
                     // MQTT-3.1.2-2: an unsupported level gets return code 0x01, then the close.
                     log::info!(
@@ -344,6 +605,10 @@ impl Conn {
                 }
                 Err(e) => return Err(violation(format!("bad CONNECT: {e}"))),
             }
+            let by = match self.input.deadline(packet_timeout, false) {
+                Some(packet) if packet < until => packet,
+                _ => until,
+            };
             let Conn {
                 reader,
                 input,
@@ -351,10 +616,11 @@ impl Conn {
                 ..
             } = self;
             tokio::select! {
-                more = tokio::time::timeout_at(until, read_into(reader, input)) => match more {
+                more = tokio::time::timeout_at(by, input.read(reader)) => match more {
                     Ok(Ok(true)) => {}
                     Ok(Ok(false)) => return Err(End::Abnormal("closed before CONNECT".into())),
                     Ok(Err(e)) => return Err(End::Abnormal(format!("read: {e}"))),
+                    Err(_) if by < until => return Err(packet_timed_out(packet_timeout)),
                     Err(_) => return Err(violation("no CONNECT within 10 s".into())),
                 },
                 // The broker is stopping (nothing else is sent to a connection without a client
@@ -505,10 +771,20 @@ impl Conn {
                 .keep_alive
                 .map(|ka| tokio::time::Instant::from_std(self.last_packet + ka));
             let close_at = self.closing.map(tokio::time::Instant::from_std);
-            let read = self.held_bytes < HELD_MAX && self.out.len() < OUT_MAX;
-            // While the broker itself does not read (flow control), the client's packets wait in
-            // the socket: its silence is ours, not its own.
-            let keep_alive = keep_alive.filter(|_| read);
+            let held = self.held_bytes >= HELD_MAX;
+            let read = !held && self.out.len() < OUT_MAX;
+            // While the broker itself does not read (flow control, or a packet waiting for room
+            // in the broker-wide bound), the client's packets wait in the socket: its silence is
+            // ours, not its own. A packet in progress is not waited for while requests are held
+            // for other clients' sake; a client that does not read what it is sent, or whose
+            // packet waits for room, gets no such grace.
+            let keep_alive = keep_alive.filter(|_| read && !self.input.waiting);
+            let packet_by = self.input.deadline(self.shared.limits.packet_timeout, held);
+            // One timer for both deadlines (a timer is a tenth of a connection's state).
+            let (timer, packet_first) = match (keep_alive, packet_by) {
+                (Some(ka), Some(by)) => (Some(ka.min(by)), by <= ka),
+                (ka, by) => (ka.or(by), by.is_some()),
+            };
             let event = {
                 let Conn {
                     mailbox,
@@ -526,8 +802,14 @@ impl Conn {
                     answer = next_answer(answers), if !answers.is_empty() => Event::Answer(answer),
                     stored = next_gate(gates), if !gates.is_empty() => Event::Stored(stored),
                     written = writer.write_buf(out), if !out.is_empty() => Event::Written(written),
-                    more = read_into(reader, input), if read => Event::Read(more),
-                    () = sleep_until(keep_alive), if keep_alive.is_some() => Event::KeepAlive,
+                    more = input.read(reader), if read => Event::Read(more),
+                    () = sleep_until(timer), if timer.is_some() => {
+                        if packet_first {
+                            Event::PacketTimeout
+                        } else {
+                            Event::KeepAlive
+                        }
+                    }
                     () = sleep_until(close_at), if close_at.is_some() => Event::Deadline,
                 }
             };
@@ -587,8 +869,11 @@ impl Conn {
                     );
                 }
                 Event::Read(Err(e)) => return End::Abnormal(format!("read: {e}")),
+                // Armed before the connection began to wait for room: not its silence.
+                Event::KeepAlive if self.input.waiting => {}
                 // MQTT-3.1.2-24: nothing from the client for 1.5 × its keep-alive.
                 Event::KeepAlive => return End::Abnormal("keep-alive timed out".into()),
+                Event::PacketTimeout => return packet_timed_out(self.shared.limits.packet_timeout),
                 Event::Deadline => return End::Shutdown,
             }
         }
@@ -620,17 +905,19 @@ impl Conn {
     /// receives and PINGREQ at once, requests into `held`.
     fn on_input(&mut self) -> Option<End> {
         let max = self.shared.limits.max_packet_size;
+        let mut took = false;
         let end = loop {
-            if let Err(reason) = wire::check_next(&self.input, max) {
+            if let Err(reason) = wire::check_next(&self.input.buf, max) {
                 break Some(violation(reason));
             }
-            let before = self.input.len();
-            let packet = match Packet::read(&mut self.input, max) {
+            let before = self.input.buf.len();
+            let packet = match Packet::read(&mut self.input.buf, max) {
                 Ok(packet) => packet,
                 Err(CodecError::InsufficientBytes(_)) => break None,
                 Err(e) => break Some(violation(format!("malformed packet: {e}"))),
             };
-            let size = before - self.input.len();
+            took = true;
+            let size = before - self.input.buf.len();
             let request = match packet {
                 Packet::Publish(publish) => match self.on_publish(publish) {
                     Ok(Some(request)) => request,
@@ -679,6 +966,7 @@ impl Conn {
             self.held_bytes += size;
             self.held.push_back((request, size));
         };
+        self.input.settle(took);
         if end.is_some() {
             // What was read before a violation or DISCONNECT is still routed (and acknowledged
             // if the connection lives long enough): the client sent it.
@@ -1085,6 +1373,8 @@ enum Event {
     Written(std::io::Result<usize>),
     Read(std::io::Result<bool>),
     KeepAlive,
+    /// The packet in progress is not whole by `--packet-timeout`.
+    PacketTimeout,
     Deadline,
 }
 
@@ -1100,16 +1390,6 @@ async fn next_gate(gates: &mut VecDeque<(Gate, BytesMut)>) -> Result<(), String>
         Some((gate, _)) => gate.as_mut().await,
         None => std::future::pending().await,
     }
-}
-
-/// Reads at most [`READ_CHUNK`] bytes of what the socket has into `input`; `Ok(false)` at its
-/// end. Bounded, so one read never takes more than the flow control can hold.
-async fn read_into(reader: &mut OwnedReadHalf, input: &mut BytesMut) -> std::io::Result<bool> {
-    input.reserve(READ_CHUNK);
-    Ok(reader
-        .read_buf(&mut (&mut *input).limit(READ_CHUNK))
-        .await?
-        > 0)
 }
 
 fn encode_into(buf: &mut BytesMut, packet: Packet, peer: SocketAddr) {
@@ -1158,6 +1438,12 @@ fn unsubscribe_request(
 
 fn violation(reason: String) -> End {
     End::Abnormal(format!("protocol violation: {reason}"))
+}
+
+fn packet_timed_out(timeout: Duration) -> End {
+    End::Abnormal(format!(
+        "a packet not whole {timeout:?} after its first byte (--packet-timeout)"
+    ))
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

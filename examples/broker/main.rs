@@ -49,7 +49,7 @@ use clap::Parser;
 use parking_lot::Mutex;
 
 use crate::cli::Args;
-use crate::connection::{Limits, Shared, Stats};
+use crate::connection::{Incomplete, Limits, Shared, Stats};
 use crate::listener::{Listener, Socket};
 use crate::quota::Quota;
 use crate::router::{Router, RouterConfig};
@@ -95,7 +95,22 @@ fn main() {
     std::process::exit(code);
 }
 
+/// The default of `--max-incomplete-bytes`, unless `--max-packet-size` is larger.
+const MAX_INCOMPLETE_BYTES: u64 = 64 << 20;
+
 async fn run(args: Args) -> i32 {
+    let max_incomplete = match args.max_incomplete_bytes {
+        Some(max) if max < args.max_packet_size => {
+            eprintln!(
+                "error: --max-incomplete-bytes {max} is less than --max-packet-size {}: such a \
+                 packet could never arrive",
+                args.max_packet_size
+            );
+            return 2;
+        }
+        Some(max) => max,
+        None => MAX_INCOMPLETE_BYTES.max(args.max_packet_size),
+    };
     // Bound here, before anything starts, so a bad or busy address is a plain error (exit 2).
     let bound = match std::net::TcpListener::bind(&args.bind) {
         Ok(bound) => bound,
@@ -149,8 +164,10 @@ async fn run(args: Args) -> i32 {
             max_packet_size: args.max_packet_size as usize,
             max_inflight: args.max_inflight as usize,
             quota,
+            packet_timeout: args.packet_timeout.0,
         },
         stats: stats.clone(),
+        incomplete: Arc::new(Incomplete::new(max_incomplete as usize)),
     });
     let max_connections = args.max_connections as usize;
     let sessions = ChildSpec::worker("sessions", move || {

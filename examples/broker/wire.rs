@@ -3,14 +3,22 @@
 //! rumqttc's `mqttbytes::v4` decodes what a *client* needs to be lenient about; a server must be
 //! strict: a packet whose reserved bits are wrong is malformed and the connection is closed
 //! (MQTT-2.2.2-2). The codec already refuses a PUBLISH at QoS 3, a will QoS of 3, and will QoS or
-//! will retain without a will (MQTT-3.1.2-11/13/14/15); [`check_next`] looks at the raw bytes of
-//! the next whole packet, before it is decoded, for the rest:
+//! will retain without a will (MQTT-3.1.2-11/13/14/15), and a string that is not UTF-8; topic
+//! names and filters are checked by [`crate::topic`] (U+0000 included). [`check_next`] looks at
+//! the raw bytes of the next whole packet, before it is decoded, for the rest:
 //!
 //! - the fixed header's flags: `0010` for PUBREL, SUBSCRIBE and UNSUBSCRIBE (MQTT-3.6.1-1,
 //!   3.8.1-1, 3.10.1-1), `0000` for every other packet but PUBLISH (MQTT-2.2.2-2);
 //! - CONNECT: the reserved connect flag (MQTT-3.1.2-3), a password without a user name
-//!   (MQTT-3.1.2-22);
+//!   (MQTT-3.1.2-22), U+0000 in the client id or the user name (MQTT-1.5.3-2), and bytes after
+//!   its last field (its fields must fill its remaining length exactly; the codec ignores what
+//!   is left);
 //! - SUBSCRIBE: reserved bits in a requested QoS byte (MQTT-3.8.3-4).
+//!
+//! [`check_first`] needs only the first byte a client sends: it must start a CONNECT
+//! (MQTT-3.1.0-1), so anything else is refused at once, not once the packet its header declares
+//! (up to the maximum packet size) has arrived. [`frame_length`] reads a packet's size from its
+//! fixed header, for the connection to size its reads and its buffer by it.
 //!
 //! A PUBLISH at QoS 0 with DUP set breaks a rule for its sender (MQTT-3.3.1-2) but none for the
 //! receiver: like mosquitto, the broker ignores the flag.
@@ -67,6 +75,38 @@ pub fn check_next(input: &[u8], max_packet_size: usize) -> Result<(), String> {
     }
 }
 
+/// Checks the first bytes a client sends, as soon as there is one: its first packet must be a
+/// CONNECT (MQTT-3.1.0-1), with fixed-header flags `0000` (MQTT-2.2.2-2).
+pub fn check_first(input: &[u8]) -> Result<(), String> {
+    let Some(&byte1) = input.first() else {
+        return Ok(());
+    };
+    let (kind, flags) = (byte1 >> 4, byte1 & 0x0F);
+    match kind {
+        1 if flags == 0 => Ok(()),
+        1 => Err(format!(
+            "CONNECT with fixed-header flags {flags:04b}, not 0000 (MQTT-2.2.2-2)"
+        )),
+        0 | 15 => Err(format!(
+            "reserved packet type {kind} before CONNECT (MQTT-3.1.0-1)"
+        )),
+        _ => Err(format!("{} before CONNECT (MQTT-3.1.0-1)", name(kind))),
+    }
+}
+
+/// The size of the next packet in `input` (fixed header included), once its fixed header is
+/// there; `None` before, or if its remaining length is malformed (the codec refuses it).
+pub fn frame_length(input: &[u8]) -> Option<usize> {
+    let mut remaining = 0usize;
+    for (i, &byte) in input.iter().skip(1).take(4).enumerate() {
+        remaining |= usize::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(1 + (i + 1) + remaining);
+        }
+    }
+    None
+}
+
 fn check_publish(flags: u8) -> Result<(), String> {
     if (flags >> 1) & 0b11 == 3 {
         return Err("PUBLISH with QoS 3 (MQTT-3.3.1-4)".into());
@@ -74,23 +114,69 @@ fn check_publish(flags: u8) -> Result<(), String> {
     Ok(())
 }
 
-/// CONNECT's variable header: protocol name, level, connect flags.
+/// CONNECT's variable header (protocol name, level, connect flags, keep-alive) and payload
+/// (client id, will topic and message, user name, password: those its flags announce). Fields
+/// cut short are left to the codec, which refuses them.
 fn check_connect(body: &[u8]) -> Result<(), String> {
-    let Some(name_len) = read_u16(body, 0) else {
+    let mut at = 0;
+    let Some(protocol) = field(body, &mut at) else {
         return Ok(());
     };
-    let Some(&connect_flags) = body.get(2 + name_len + 1) else {
+    let (Some(&level), Some(&connect_flags)) = (body.get(at), body.get(at + 1)) else {
         return Ok(());
     };
     if connect_flags & 0b0000_0001 != 0 {
         return Err("CONNECT with its reserved flag set (MQTT-3.1.2-3)".into());
     }
+    let will = connect_flags & 0b0000_0100 != 0;
     let user_name = connect_flags & 0b1000_0000 != 0;
     let password = connect_flags & 0b0100_0000 != 0;
     if password && !user_name {
         return Err("CONNECT with a password and no user name (MQTT-3.1.2-22)".into());
     }
+    // The payload's layout is MQTT 3.1.1's; another protocol is refused by the codec, or with a
+    // CONNACK for another level (MQTT-3.1.2-2).
+    if protocol != b"MQTT" || level != 4 {
+        return Ok(());
+    }
+    at += 2 + 2; // level, connect flags, keep-alive
+    let Some(client_id) = field(body, &mut at) else {
+        return Ok(());
+    };
+    if client_id.contains(&0) {
+        return Err("CONNECT with U+0000 in its client id (MQTT-1.5.3-2)".into());
+    }
+    if will && (field(body, &mut at).is_none() || field(body, &mut at).is_none()) {
+        return Ok(());
+    }
+    if user_name {
+        let Some(name) = field(body, &mut at) else {
+            return Ok(());
+        };
+        if name.contains(&0) {
+            return Err("CONNECT with U+0000 in its user name (MQTT-1.5.3-2)".into());
+        }
+    }
+    if password && field(body, &mut at).is_none() {
+        return Ok(());
+    }
+    if at < body.len() {
+        return Err(format!(
+            "CONNECT with {} bytes after its last field (its remaining length must be its \
+             fields')",
+            body.len() - at
+        ));
+    }
     Ok(())
+}
+
+/// The length-prefixed field (string or binary data) at `at`, which moves past it; `None` if
+/// `bytes` ends first.
+fn field<'a>(bytes: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
+    let len = read_u16(bytes, *at)?;
+    let value = bytes.get(*at + 2..*at + 2 + len)?;
+    *at += 2 + len;
+    Some(value)
 }
 
 /// SUBSCRIBE's payload: after the packet id, (filter, requested QoS byte) pairs.
@@ -252,6 +338,112 @@ mod tests {
         let mut password_only = bytes(Packet::Connect(with_login));
         password_only[flags_at] &= !0b1000_0000;
         assert!(rule(&password_only).contains("MQTT-3.1.2-22"));
+    }
+
+    #[test]
+    fn the_first_packet_must_be_connect_from_its_first_byte() {
+        assert_eq!(check_first(&[]), Ok(()));
+        assert_eq!(check_first(&[0x10]), Ok(()));
+        assert_eq!(
+            check_first(&bytes(Packet::Connect(Connect::new("c")))),
+            Ok(())
+        );
+        // A PUBLISH header declaring 1 MiB: refused before any of it.
+        let reason = check_first(&[0x30, 0x80, 0x80, 0x40]).expect_err("not a CONNECT");
+        assert!(reason.contains("PUBLISH before CONNECT"), "{reason}");
+        assert!(reason.contains("MQTT-3.1.0-1"), "{reason}");
+        for (byte1, what) in [
+            (0xC0, "PINGREQ"),
+            (0x82, "SUBSCRIBE"),
+            (0x00, "reserved packet type 0"),
+            (0xFF, "reserved packet type 15"),
+        ] {
+            let reason = check_first(&[byte1]).expect_err("not a CONNECT");
+            assert!(reason.contains(what), "{byte1:#x}: {reason}");
+        }
+        assert!(check_first(&[0x12])
+            .expect_err("flags")
+            .contains("MQTT-2.2.2-2"));
+    }
+
+    #[test]
+    fn frame_length_from_the_fixed_header() {
+        assert_eq!(frame_length(&[]), None);
+        assert_eq!(frame_length(&[0x30]), None);
+        assert_eq!(frame_length(&[0xC0, 0]), Some(2));
+        assert_eq!(frame_length(&[0x30, 127]), Some(129));
+        assert_eq!(frame_length(&[0x30, 0x80]), None);
+        assert_eq!(frame_length(&[0x30, 0x80, 0x01]), Some(3 + 128));
+        assert_eq!(frame_length(&[0x30, 0x80, 0x80, 0x40]), Some(4 + (1 << 20)));
+        assert_eq!(
+            frame_length(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F]),
+            Some(5 + 268_435_455)
+        );
+        // A fifth length byte: malformed, the codec's to refuse.
+        assert_eq!(frame_length(&[0x30, 0x80, 0x80, 0x80, 0x80, 0x01]), None);
+        let publish = bytes(Packet::Publish(rumqttc::mqttbytes::v4::Publish::new(
+            "t",
+            QoS::AtMostOnce,
+            vec![0; 300],
+        )));
+        assert_eq!(frame_length(&publish[..3]), Some(publish.len()));
+    }
+
+    /// A CONNECT with every field, for the walk through its payload.
+    fn full_connect(id: &str, user: &str) -> Connect {
+        let mut connect = Connect::new(id);
+        connect.last_will = Some(rumqttc::mqttbytes::v4::LastWill::new(
+            "will/topic",
+            vec![0, 1, 0],
+            QoS::AtLeastOnce,
+            true,
+        ));
+        connect.login = Some(Login::new(user, "pass\0word"));
+        connect
+    }
+
+    #[test]
+    fn connect_fields_fill_its_remaining_length_exactly() {
+        // Every field present (a NUL in the password, binary data, is fine), or none but the id.
+        for connect in [
+            full_connect("c", "user"),
+            Connect::new("c"),
+            Connect::new(""),
+        ] {
+            assert_eq!(
+                check_next(&bytes(Packet::Connect(connect.clone())), MAX),
+                Ok(()),
+                "{connect:?}"
+            );
+        }
+        for connect in [full_connect("c", "user"), Connect::new("c")] {
+            let mut trailing = bytes(Packet::Connect(connect));
+            trailing[1] += 2;
+            trailing.extend([0, 0]);
+            let reason = rule(&trailing);
+            assert!(reason.contains("2 bytes after its last field"), "{reason}");
+        }
+        // A field running past the end is the codec's to refuse.
+        let mut short = bytes(Packet::Connect(full_connect("c", "user")));
+        short[1] -= 2;
+        short.truncate(short.len() - 2);
+        assert_eq!(check_next(&short, MAX), Ok(()));
+        // Another protocol level has another layout: refused with a CONNACK, not here.
+        let mut v5 = bytes(Packet::Connect(Connect::new("c")));
+        v5[8] = 5;
+        v5[1] += 1;
+        v5.push(0);
+        assert_eq!(check_next(&v5, MAX), Ok(()));
+    }
+
+    #[test]
+    fn connect_client_id_and_user_name_without_nul() {
+        let reason = rule(&bytes(Packet::Connect(Connect::new("a\0b"))));
+        assert!(reason.contains("client id"), "{reason}");
+        assert!(reason.contains("MQTT-1.5.3-2"), "{reason}");
+        let reason = rule(&bytes(Packet::Connect(full_connect("c", "\0"))));
+        assert!(reason.contains("user name"), "{reason}");
+        assert!(reason.contains("MQTT-1.5.3-2"), "{reason}");
     }
 
     #[test]
