@@ -95,10 +95,11 @@ impl<A: Actor<Context = Context<A>>> ChildAddr<A> {
     /// for room. Fails with [`MailboxError::Closed`] when the message is refused, or when it was
     /// accepted but dropped unhandled because the child was aborted.
     ///
-    /// The message enters the mailbox when the future is first polled. Once it has, it is
-    /// handled even if the future is dropped before the answer comes (unlike actix's `send`,
-    /// which then skips the handler): an accepted message is handled or counted as dropped,
-    /// never silently skipped.
+    /// The message enters the mailbox when the future is first polled (on a full bounded
+    /// mailbox, once there is room: a future dropped while it waits for room never sent its
+    /// message). Once it has entered, it is handled even if the future is dropped before the
+    /// answer comes (unlike actix's `send`, which then skips the handler): an accepted message is
+    /// handled or counted as dropped, never silently skipped.
     pub async fn send<M>(&self, msg: M) -> Result<M::Result, MailboxError>
     where
         A: Handler<M>,

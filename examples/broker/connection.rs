@@ -392,7 +392,7 @@ enum End {
 type Answer = Pin<Box<dyn Future<Output = Result<(), RouteError>>>>;
 
 /// A store commit the packets behind it wait for.
-type Gate = Pin<Box<dyn Future<Output = Result<(), String>>>>;
+type Gate = Pin<Box<dyn Future<Output = Result<(), RouteError>>>>;
 
 /// Packets owed to the client once an answer comes.
 #[allow(clippy::enum_variant_names)] // MQTT's packet names
@@ -655,6 +655,10 @@ impl Conn {
         }
         self.keep_alive = (connect.keep_alive > 0)
             .then(|| Duration::from_millis(connect.keep_alive as u64 * 1500));
+        // From the first poll of the send on, the router may have this connection in its books
+        // (an accepted message is handled even if this task is cancelled while it waits): it
+        // must hear when the connection ends, whichever way.
+        self.registered = true;
         let answer = self
             .shared
             .router
@@ -664,8 +668,6 @@ impl Conn {
                 outbox: self.outbox.clone(),
             })
             .await;
-        // From here on the router has this connection in its books (or had and let go of it).
-        self.registered = true;
         let connected = match answer {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
@@ -849,6 +851,8 @@ impl Conn {
                         self.out.extend_from_slice(&bytes);
                     }
                 }
+                // The broker's failure, not the client's: no will.
+                Event::Stored(Err(RouteError::NoDisk)) => return End::NoDisk,
                 Event::Stored(Err(e)) => return End::Abnormal(format!("the store failed: {e}")),
                 Event::Written(Ok(_)) => {}
                 Event::Written(Err(e)) => return End::Abnormal(format!("write: {e}")),
@@ -1266,7 +1270,7 @@ impl Conn {
         match (committed, self.gates.back_mut()) {
             (Some(committed), _) => {
                 let gate: Gate =
-                    Box::pin(async move { committed.await.map(|_| ()).map_err(|e| e.to_string()) });
+                    Box::pin(async move { committed.await.map(|_| ()).map_err(RouteError::from) });
                 self.gates.push_back((gate, staged));
             }
             (None, Some((_, behind))) => behind.extend_from_slice(&staged),
@@ -1369,7 +1373,7 @@ enum Event {
     Mail(Option<ToConn>),
     Answer(Result<(), RouteError>),
     /// The commit at the front of `gates` is durable (or failed).
-    Stored(Result<(), String>),
+    Stored(Result<(), RouteError>),
     Written(std::io::Result<usize>),
     Read(std::io::Result<bool>),
     KeepAlive,
@@ -1385,7 +1389,7 @@ async fn next_answer(answers: &mut VecDeque<(Answer, Vec<Ack>)>) -> Result<(), R
     }
 }
 
-async fn next_gate(gates: &mut VecDeque<(Gate, BytesMut)>) -> Result<(), String> {
+async fn next_gate(gates: &mut VecDeque<(Gate, BytesMut)>) -> Result<(), RouteError> {
     match gates.front_mut() {
         Some((gate, _)) => gate.as_mut().await,
         None => std::future::pending().await,

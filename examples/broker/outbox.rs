@@ -150,17 +150,20 @@ impl Backlog {
         self.drained.notify_waiters();
     }
 
-    /// Waits, at most [`HOLD_MAX`], for the backlog to be down to [`LOW_WATER`] (or the
+    /// Waits, until `deadline` at most, for the backlog to be down to [`LOW_WATER`] (or the
     /// connection gone, or marked slow by another publisher's wait). Returns true when this wait
-    /// ran out and marked it slow: the caller logs that once.
-    pub async fn hold(&self) -> bool {
-        if tokio::time::timeout(HOLD_MAX, self.below_low_water())
+    /// ran out and marked it slow: the caller logs that once. Marking it wakes the others
+    /// waiting on it, who no longer wait either.
+    pub async fn hold_until(&self, deadline: tokio::time::Instant) -> bool {
+        if tokio::time::timeout_at(deadline, self.below_low_water())
             .await
             .is_ok()
         {
             return false;
         }
-        !self.slow.swap(true, Ordering::AcqRel)
+        let marked = !self.slow.swap(true, Ordering::AcqRel);
+        self.drained.notify_waiters();
+        marked
     }
 
     /// Resolves once the backlog is at most [`LOW_WATER`], it is slow, or the connection is gone.

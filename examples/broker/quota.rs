@@ -6,7 +6,8 @@
 //! persistent session, its queue in the store. One [`Quota`] bounds both, in messages and in
 //! bytes. Past it, the session loses messages — never anyone else: a session over its quota does
 //! not refuse, hold or slow other clients' traffic. Which messages it loses is the operator's
-//! choice ([`Overflow`]); either way a QoS 0 message waiting for it goes before a QoS 1/2 one, and
+//! choice ([`Overflow`]) — for an offline session a QoS 0 message waiting goes before any QoS 1/2
+//! one; a connected session loses the new message or its oldest unsent ones as they are — and
 //! every loss is counted ([`Drops`]) and logged once per *episode* (from the first loss until the
 //! session is within its quota again, or connects), naming the session. "No acknowledged message
 //! is lost" holds for every session within its quota.
@@ -78,10 +79,16 @@ pub fn size_of(topic: &str, payload: &[u8]) -> u64 {
 /// The losses of sessions over their quota: a total, and per session its total and its current
 /// episode. Shared by the store (offline sessions), the router and the connections (connected
 /// ones), and read for the summary when the broker stops.
+///
+/// A session is kept here while it exists; one that ends (a clean session's connection closes, a
+/// persistent session expires) leaves only its count behind, so the table is bounded by the
+/// sessions alive.
 #[derive(Default, Debug)]
 pub struct Drops {
     total: AtomicU64,
     sessions: Mutex<HashMap<String, SessionDrops>>,
+    /// Sessions that lost messages and have ended since.
+    ended: AtomicU64,
 }
 
 #[derive(Default, Debug)]
@@ -143,8 +150,11 @@ impl Drops {
     /// with it, with an INFO line giving what it cost, so that the next session of that id
     /// starts afresh.
     pub fn ended(&self, client: &str) {
-        let mut sessions = self.sessions.lock();
-        let Some(episode) = sessions.get_mut(client).and_then(|s| s.episode.take()) else {
+        let Some(session) = self.sessions.lock().remove(client) else {
+            return;
+        };
+        self.ended.fetch_add(1, Ordering::Relaxed);
+        let Some(episode) = session.episode else {
             return;
         };
         log::info!(
@@ -159,15 +169,17 @@ impl Drops {
         self.total.load(Ordering::Relaxed)
     }
 
-    /// How many sessions lost messages, and the `n` that lost the most, most first.
+    /// How many sessions lost messages since the broker started (those that ended included).
+    pub fn sessions(&self) -> usize {
+        self.sessions.lock().len() + self.ended.load(Ordering::Relaxed) as usize
+    }
+
+    /// How many sessions lost messages, and the `n` alive that lost the most, most first.
     pub fn worst(&self, n: usize) -> (usize, Vec<(String, u64)>) {
+        let count = self.sessions();
         let sessions = self.sessions.lock();
-        let mut all: Vec<(String, u64)> = sessions
-            .iter()
-            .filter(|(_, s)| s.total > 0)
-            .map(|(c, s)| (c.clone(), s.total))
-            .collect();
-        let count = all.len();
+        let mut all: Vec<(String, u64)> =
+            sessions.iter().map(|(c, s)| (c.clone(), s.total)).collect();
         all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         all.truncate(n);
         (count, all)
@@ -214,5 +226,9 @@ mod tests {
             (2, vec![("a".to_owned(), 6)]),
             "two sessions lost messages; a the most"
         );
+        // An ended session leaves its count, not its entry.
+        drops.ended("b");
+        assert_eq!(drops.worst(5), (2, vec![("a".to_owned(), 6)]));
+        assert_eq!(drops.total(), 7);
     }
 }

@@ -221,10 +221,16 @@ pub struct Router {
     drops: Arc<Drops>,
     /// Persistent sessions not connected, and since when (Unix milliseconds): for expiry.
     offline_since: HashMap<String, u64>,
-    /// A reload after a failed write is under way.
-    resyncing: bool,
-    /// The store's writes were failing at the last tick.
-    disk_failing: bool,
+    /// Commits sent through [`commit_checked`](Self::commit_checked), numbered from 0.
+    commits: std::cell::Cell<u64>,
+    /// The last reload read the store after every commit numbered below this …
+    synced_through: u64,
+    /// … and after this many failed writes had been undone.
+    synced_undone: u64,
+    /// QoS 2 packet ids of persistent publishers routed and then undone by a failed write:
+    /// logged again when the publisher comes back, so a PUBLISH it sends again is not routed a
+    /// second time to a subscriber that got it already.
+    undone_inbound: HashMap<String, BTreeSet<PacketId>>,
 }
 
 impl Router {
@@ -234,8 +240,10 @@ impl Router {
             quota: config.quota,
             config,
             offline_since: HashMap::new(),
-            resyncing: false,
-            disk_failing: false,
+            commits: std::cell::Cell::new(0),
+            synced_through: 0,
+            synced_undone: 0,
+            undone_inbound: HashMap::new(),
             store,
             subscriptions: Subscriptions::new(),
             retained: BTreeMap::new(),
@@ -355,13 +363,26 @@ impl Router {
                     client: client.clone(),
                 });
             }
-        } else if !existed {
+        } else {
+            // Also for a session that exists: connected, it forgets when it was last seen, so a
+            // crash while it is connected does not leave it an old expiry.
             self.persistent.insert(client.clone());
             ops.push(Op::OpenSession {
                 client: client.clone(),
             });
+            // What a failed write undid of its QoS 2 publications (already routed) is logged
+            // again before the session is read, so it resumes knowing those packet ids.
+            for pkid in self.undone_inbound.remove(&client).into_iter().flatten() {
+                ops.push(Op::InboundReceived {
+                    client: client.clone(),
+                    pkid,
+                });
+            }
         }
-        let committed = (!ops.is_empty()).then(|| self.store.commit(ops));
+        if clean {
+            self.undone_inbound.remove(&client);
+        }
+        let committed = (!ops.is_empty()).then(|| self.commit_checked(ops));
         let restored = (!clean).then(|| {
             self.store.set_online(&client, true);
             let name = client.clone();
@@ -379,7 +400,7 @@ impl Router {
         actix::spawn(self.work.track(async move {
             let answer = async {
                 if let Some(committed) = committed {
-                    committed.await.map_err(store_failed)?;
+                    committed.await?;
                 }
                 let restored = match restored {
                     Some(read) => Some(read.await.map_err(store_failed)?),
@@ -405,6 +426,7 @@ impl Router {
         let from_persistent = self.persistent.contains(from);
         let disk = self.store.disk_ok();
         let mut refused = None;
+        let mut inbound = Vec::new();
         for publication in publications {
             let qos = publication.qos;
             let pkid = publication.pkid;
@@ -435,6 +457,7 @@ impl Router {
                     client: from.to_owned(),
                     pkid,
                 });
+                inbound.push(pkid);
                 must_wait = true;
             }
         }
@@ -447,15 +470,30 @@ impl Router {
                 }));
             }
         }
+        let (me, from) = (self.me.clone(), from.to_owned());
         Box::pin(self.work.track(async move {
             if let Some(committed) = committed {
-                committed.await?;
+                if let Err(e) = committed.await {
+                    if let (RouteError::NoDisk, Some(me)) = (&e, me) {
+                        if !inbound.is_empty() {
+                            // Routed, and not recorded: the publisher will send them again.
+                            me.do_send(UndoneInbound {
+                                client: from,
+                                pkids: inbound,
+                            });
+                        }
+                    }
+                    return Err(e);
+                }
             }
             if let Some(refused) = refused {
                 return Err(refused);
             }
+            // One deadline for all: a publisher waits at most HOLD_MAX however many
+            // subscribers it left congested.
+            let until = tokio::time::Instant::now() + HOLD_MAX;
             for (client, outbox) in congested {
-                if outbox.backlog.hold().await {
+                if outbox.backlog.hold_until(until).await {
                     log::warn!(
                         target: LOG,
                         "client `{client}` does not keep up ({} messages waiting for it after \
@@ -642,14 +680,19 @@ impl Router {
     /// op is a broker bug: the router's memory (its retained messages, who is persistent) and
     /// the store disagree, so the router stops itself to be restarted — with the sessions and
     /// the listener, rest-for-one — and reloads from the store.
+    ///
+    /// A commit that was not made (undone by a failed write, or refused because writes fail)
+    /// leaves the router's memory ahead of the store — it applies before the store answers — so
+    /// the router reloads from the store ([`Resync`]), once for every commit sent before it.
     fn commit_checked(&self, ops: Vec<Op>) -> impl Future<Output = Result<(), RouteError>> {
+        let seq = self.commits.get();
+        self.commits.set(seq + 1);
         let committed = self.store.commit(ops);
         let me = self.me.clone();
         async move {
             let commit = committed.await.map_err(|e| {
-                if let (StoreError::WriteFailed(_), Some(me)) = (&e, &me) {
-                    // Applied here (retained messages, subscriptions) and undone in the store.
-                    me.do_send(Resync);
+                if let (StoreError::WriteFailed(_) | StoreError::NoDisk(_), Some(me)) = (&e, &me) {
+                    me.do_send(Resync { after: Some(seq) });
                 }
                 store_failed(e)
             })?;
@@ -677,20 +720,27 @@ impl Router {
         match self.online.get(&client) {
             Some(online) if online.conn == conn => {
                 let online = self.online.remove(&client);
-                if online.is_some_and(|o| o.clean) {
-                    self.subscriptions.remove_client(&client);
+                let clean = online.is_some_and(|o| o.clean);
+                let at = unix_millis();
+                if !self.persistent.contains(&client) {
+                    if clean {
+                        self.subscriptions.remove_client(&client);
+                    }
+                } else if clean {
+                    // A clean CONNECT whose drop of the persistent session was not made (the
+                    // disk failed): the session, reloaded, is as it was, and offline.
+                    self.offline_since.insert(client.clone(), at);
                 } else {
                     self.store.set_online(&client, false);
-                    let at = unix_millis();
                     self.offline_since.insert(client.clone(), at);
-                    // Logged so that expiry survives a restart; nobody waits for it.
-                    let logged = self.commit_checked(vec![Op::LastSeen {
-                        client: client.clone(),
-                        at,
-                    }]);
-                    actix::spawn(self.work.track(async move {
-                        let _ = logged.await;
-                    }));
+                    if self.store.disk_ok() {
+                        // Logged so that expiry survives a restart; nobody waits for it (a
+                        // session never logged goes away from the router's next start on).
+                        drop(self.store.commit(vec![Op::LastSeen {
+                            client: client.clone(),
+                            at,
+                        }]));
+                    }
                 }
             }
             _ => {}
@@ -721,6 +771,10 @@ impl Router {
     /// Drops the persistent sessions offline for longer than `expiration`
     /// (`--persistent-client-expiration`), as a clean CONNECT would.
     fn expire(&mut self, expiration: Duration) {
+        if !self.store.disk_ok() {
+            // Dropping a session is a write: it waits, and so does the session.
+            return;
+        }
         let now = unix_millis();
         let limit = u64::try_from(expiration.as_millis()).unwrap_or(u64::MAX);
         let expired: Vec<String> = self
@@ -741,6 +795,8 @@ impl Router {
             let away = now.saturating_sub(self.offline_since.remove(&client).unwrap_or(now));
             self.subscriptions.remove_client(&client);
             self.persistent.remove(&client);
+            self.undone_inbound.remove(&client);
+            self.drops.ended(&client);
             log::info!(
                 target: LOG,
                 "session `{client}` expired: offline for {:?}, more than \
@@ -807,6 +863,10 @@ impl Router {
             let Some(parked) = next else {
                 return;
             };
+            if parked.reply.is_closed() {
+                // Its connection is gone (cancelled while it waited): nobody to connect.
+                continue;
+            }
             self.connect(parked.connect, parked.reply);
         }
         if self.parked.contains_key(client) {
@@ -894,41 +954,64 @@ fn read_loaded(store: &StoreClient) -> crate::store::Reply<Loaded> {
     })
 }
 
-/// A write failed in the store and undid a request the router had already applied: read back
-/// what is durable (see [`Router::reload`]).
+/// The store did not make a commit the router had already applied (`after`: the commit's
+/// number), or undid writes of others (the connections') — `after: None`: read back what is
+/// durable (see [`Router::reload`]). One reload covers every commit sent before it and every
+/// write undone before it, so the others asking for the same failure are not reloaded again.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct Resync;
+struct Resync {
+    after: Option<u64>,
+}
 
 impl Handler<Resync> for Router {
     type Result = ();
 
-    fn handle(&mut self, _: Resync, ctx: &mut Context<Self>) {
-        // Every request of the failed batch asks; one read answers them all.
-        if self.resyncing {
+    fn handle(&mut self, resync: Resync, ctx: &mut Context<Self>) {
+        let undone = self.store.stats().disk.undone();
+        let stale = resync.after.is_some_and(|seq| seq >= self.synced_through);
+        if !stale && undone == self.synced_undone {
             return;
         }
-        self.resyncing = true;
+        self.synced_undone = undone;
+        self.synced_through = self.commits.get();
         log::info!(
             target: LOG,
             "the store undid a write it could not make: reloading retained messages and \
              persistent sessions from it"
         );
         // Nothing is routed on what the store undid while the read is under way.
-        ctx.wait(
-            read_loaded(&self.store)
-                .into_actor(self)
-                .map(|loaded, router, ctx| {
-                    router.resyncing = false;
-                    match loaded {
-                        Ok(loaded) => router.reload(loaded),
-                        Err(e) => {
-                            log::error!(target: LOG, "cannot read the store: {e}; restarting");
-                            ctx.stop();
-                        }
-                    }
-                }),
-        );
+        ctx.wait(read_loaded(&self.store).into_actor(self).map(
+            |loaded, router, ctx| match loaded {
+                Ok(loaded) => router.reload(loaded),
+                Err(e) => {
+                    log::error!(target: LOG, "cannot read the store: {e}; restarting");
+                    ctx.stop();
+                }
+            },
+        ));
+    }
+}
+
+/// QoS 2 packet ids of `client` that were routed in a commit the store did not make.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct UndoneInbound {
+    client: String,
+    pkids: Vec<PacketId>,
+}
+
+impl Handler<UndoneInbound> for Router {
+    type Result = ();
+
+    fn handle(&mut self, undone: UndoneInbound, _: &mut Context<Self>) {
+        // Only a persistent session resumes its packet ids; a clean one forgets them anyway.
+        if self.persistent.contains(&undone.client) {
+            self.undone_inbound
+                .entry(undone.client)
+                .or_default()
+                .extend(undone.pkids);
+        }
     }
 }
 
@@ -954,17 +1037,15 @@ impl Actor for Router {
         self.store.nobody_online();
         let read = read_loaded(&self.store);
         // While the store cannot write, it is asked to try every second. A failed write undoes
-        // what connections logged too (packet ids, deliveries): the first tick that sees it
-        // reloads, closing the persistent sessions, if no answer of the router's did already.
+        // what connections logged too (packet ids, deliveries): a tick that finds a write undone
+        // since the last reload reloads, closing the persistent sessions.
         ctx.run_interval(Duration::from_secs(1), |router, ctx| {
-            if router.store.disk_ok() {
-                router.disk_failing = false;
-                return;
+            if router.store.stats().disk.undone() != router.synced_undone {
+                ctx.notify(Resync { after: None });
             }
-            if !std::mem::replace(&mut router.disk_failing, true) {
-                ctx.notify(Resync);
+            if !router.store.disk_ok() {
+                router.store.probe();
             }
-            router.store.probe();
         });
         if let Some(expiration) = self.config.expiration {
             // Often enough that a session goes within a quarter of its expiration of its time.

@@ -276,7 +276,8 @@ pub struct State {
 /// logged whole or not at all.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    /// Creates a persistent session, or keeps the existing one (a resumed session).
+    /// Creates a persistent session, or keeps the existing one (a resumed session); either way
+    /// it is connected now, so when it was last seen is forgotten.
     OpenSession { client: String },
     /// Discards a session and everything it holds (a connect with `clean_session = true`).
     DropSession { client: String },
@@ -679,6 +680,8 @@ impl State {
         match op {
             Op::OpenSession { client } => {
                 sessions.entry(client.clone()).or_default();
+                // Connected again: its expiry counts from its next going away, not its last.
+                self.last_seen.remove(client);
             }
             Op::DropSession { client } => {
                 if let Some(session) = sessions.remove(client) {
@@ -753,8 +756,20 @@ impl State {
             }
             Op::DropQueued { client, msg } => {
                 if let Some(s) = sessions.get_mut(client) {
-                    let qos0 = s.queue.iter().position(|q| q.msg == *msg && q.qos == 0);
-                    if let Some(i) = qos0.or_else(|| s.queue.iter().position(|q| q.msg == *msg)) {
+                    // The oldest entry for `msg`, unless it is not QoS 0 and a QoS 0 one is
+                    // there too (looked for only when the session has QoS 0 entries at all).
+                    let first = s.queue.iter().position(|q| q.msg == *msg);
+                    let has_qos0 = self.waiting.get(client).is_some_and(|w| w.qos0 > 0);
+                    let qos0 = match first {
+                        Some(i) if s.queue[i].qos != 0 && has_qos0 => s
+                            .queue
+                            .iter()
+                            .skip(i)
+                            .position(|q| q.msg == *msg && q.qos == 0)
+                            .map(|at| at + i),
+                        _ => None,
+                    };
+                    if let Some(i) = qos0.or(first) {
                         if let Some(entry) = s.queue.remove(i) {
                             let size = body_size(messages, *msg);
                             waiting_mut(&mut self.waiting, client).remove(size, entry.qos);
@@ -886,6 +901,15 @@ impl State {
         op: Op,
         quota: &dyn Fn(&str) -> Quota,
     ) -> Result<Admitted, ApplyError> {
+        // A recipient whose session is gone (dropped while the publication was on its way) gets
+        // nothing; the others still get it.
+        let op = match op {
+            Op::Publish { msg, mut to } => {
+                to.retain(|d| self.sessions.contains_key(&d.client));
+                Op::Publish { msg, to }
+            }
+            op => op,
+        };
         self.check(&op)?;
         match op {
             Op::Publish { msg, to } => {
@@ -955,7 +979,9 @@ impl State {
             let waiting = self.waiting.get(client).copied().unwrap_or_default();
             let mut queue = Backlog {
                 queue: &session.queue,
-                gone: vec![false; session.queue.len()],
+                gone: Vec::new(),
+                next_qos0: 0,
+                next_any: 0,
                 len: session.queue.len(),
                 bytes: waiting.bytes,
                 qos0: waiting.qos0,
@@ -969,10 +995,7 @@ impl State {
                 while fits && !quota.admits(queue.len, queue.bytes, size) {
                     // Room is made by the oldest QoS 0 entry, waiting or new; then by the policy.
                     let new_qos0 = kept.iter().position(|&j| wanted[j].1 == 0);
-                    let waiting_qos0 = (queue.qos0 > 0)
-                        .then(|| queue.oldest(|q| q.qos == 0))
-                        .flatten();
-                    if let Some(victim) = waiting_qos0 {
+                    if let Some(victim) = queue.oldest_qos0() {
                         drops.push(queue.drop(client, victim, &self.messages));
                     } else if let Some(at) = new_qos0 {
                         if let Some(j) = kept.remove(at) {
@@ -982,7 +1005,7 @@ impl State {
                         }
                     } else if qos == 0 || quota.overflow == Overflow::DropNew {
                         fits = false;
-                    } else if let Some(victim) = queue.oldest(|_| true) {
+                    } else if let Some(victim) = queue.oldest() {
                         drops.push(queue.drop(client, victim, &self.messages));
                     } else if let Some(j) = kept.pop_front() {
                         keep[j] = false;
@@ -1053,9 +1076,18 @@ struct Room {
 
 /// One session's queue as [`State::make_room`] trims it: which waiting entries it has chosen
 /// to drop, and the size of what is left.
+///
+/// Entries are dropped oldest first, so two cursors that only move forward find the next victim
+/// (the oldest QoS 0 entry left, the oldest entry left): a publication to a full queue costs what
+/// it drops, not the length of the queue.
 struct Backlog<'a> {
     queue: &'a VecDeque<Queued>,
-    gone: Vec<bool>,
+    /// Entries dropped so far (a few: one or two per new entry).
+    gone: Vec<usize>,
+    /// No QoS 0 entry is left before this index.
+    next_qos0: usize,
+    /// No entry is left before this index.
+    next_any: usize,
     len: usize,
     bytes: u64,
     /// QoS 0 entries left among the waiting ones.
@@ -1063,15 +1095,37 @@ struct Backlog<'a> {
 }
 
 impl Backlog<'_> {
-    /// The oldest waiting entry not dropped yet that `pick` accepts.
-    fn oldest(&self, pick: impl Fn(&Queued) -> bool) -> Option<usize> {
-        (0..self.queue.len()).find(|&i| !self.gone[i] && pick(&self.queue[i]))
+    /// The oldest QoS 0 entry not dropped yet.
+    fn oldest_qos0(&mut self) -> Option<usize> {
+        if self.qos0 == 0 {
+            return None;
+        }
+        while self.next_qos0 < self.queue.len() {
+            let i = self.next_qos0;
+            if self.queue[i].qos == 0 && !self.gone.contains(&i) {
+                return Some(i);
+            }
+            self.next_qos0 += 1;
+        }
+        None
+    }
+
+    /// The oldest entry not dropped yet.
+    fn oldest(&mut self) -> Option<usize> {
+        while self.next_any < self.queue.len() {
+            let i = self.next_any;
+            if !self.gone.contains(&i) {
+                return Some(i);
+            }
+            self.next_any += 1;
+        }
+        None
     }
 
     /// Drops waiting entry `i`, returning the op that says so.
     fn drop(&mut self, client: &str, i: usize, messages: &BTreeMap<MsgId, Body>) -> Op {
         let msg = self.queue[i].msg;
-        self.gone[i] = true;
+        self.gone.push(i);
         self.len -= 1;
         self.qos0 -= usize::from(self.queue[i].qos == 0);
         self.bytes = self.bytes.saturating_sub(body_size(messages, msg));
@@ -1239,6 +1293,8 @@ impl StoreStats {
 #[derive(Debug, Default)]
 pub struct DiskStatus {
     failing: AtomicBool,
+    /// Writes undone so far: a reader that has caught up with one knows the next is new.
+    undone: AtomicU64,
     /// Why, and since when.
     detail: parking_lot::Mutex<Option<(String, Instant)>>,
 }
@@ -1257,8 +1313,14 @@ impl DiskStatus {
             .map(|(why, since)| (why.clone(), since.elapsed()))
     }
 
-    /// Writes fail; true if they worked until now.
+    /// How many failed writes the store has undone since the broker started.
+    pub fn undone(&self) -> u64 {
+        self.undone.load(Ordering::Acquire)
+    }
+
+    /// A write failed and was undone; true if writes worked until now.
     fn fail(&self, cause: &StoreError) -> bool {
+        self.undone.fetch_add(1, Ordering::AcqRel);
         let mut detail = self.detail.lock();
         let first = detail.is_none();
         if first {
