@@ -60,8 +60,9 @@ pub struct Args {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=65_535))]
     pub max_inflight: u64,
 
-    /// Messages waiting for one session, at most: for a connected client, those not written to
-    /// its socket yet; for an offline persistent session, its queue. A session past this (or past
+    /// Messages waiting for one session, at most: for a connected client that does not keep up
+    /// (one that does paces its publishers instead), those not written to its socket yet; for an
+    /// offline persistent session, its queue. A session past this (or past
     /// --max-queued-bytes) loses messages as --queue-overflow says (offline, QoS 0 ones first), counted
     /// and logged once per episode, naming it; no other client is refused or slowed for it.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]

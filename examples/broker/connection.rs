@@ -1222,11 +1222,8 @@ impl Conn {
     fn trim_pending(&mut self) {
         let quota = self.shared.limits.quota;
         let mut dropped = 0;
-        loop {
-            let (messages, bytes) = self.outbox.backlog.level();
-            if !quota.exceeded_by(messages, bytes) {
-                break;
-            }
+        // Only a connection that does not keep up: one that does paces its publishers instead.
+        while self.outbox.backlog.over(&quota) {
             let Some(deliver) = self.pending.pop_front() else {
                 break;
             };

@@ -6,16 +6,18 @@
 //! by the [`Backlog`]: each delivery counts (one message, its topic and payload bytes) until the
 //! connection has encoded it for its socket. Two limits act on it:
 //!
-//! - **Pacing.** When a subscriber's backlog passes [`HIGH_WATER`], the router holds back the
-//!   reply to the publishers whose messages went there (their connections hold further requests
-//!   meanwhile, and stop reading their sockets once they hold a few hundred KiB), until the
-//!   subscriber is down to [`LOW_WATER`]. A subscriber that keeps up paces its publishers and
+//! - **Pacing.** When a subscriber's backlog passes [`HIGH_WATER`] messages (or
+//!   [`HIGH_WATER_BYTES`]), the router holds back the reply to the publishers whose messages
+//!   went there (their connections hold further requests meanwhile, and stop reading their
+//!   sockets once they hold a few hundred KiB), until the subscriber is down to [`LOW_WATER`]. A subscriber that keeps up paces its publishers and
 //!   loses nothing. One that does not get there within [`HOLD_MAX`] is *slow*: it holds nobody
 //!   from then on, until it is down to `LOW_WATER` again (WARN once per episode, naming it). So
 //!   a client that stops reading costs each publisher at most `HOLD_MAX` once, not its traffic.
-//! - **Quota.** The session's [`Quota`](crate::quota::Quota) bounds the backlog in messages and
-//!   bytes; past it, the session loses messages (the router drops new ones, or the connection
-//!   its oldest unsent ones — counted and logged by [`Drops`](crate::quota::Drops)).
+//! - **Quota.** While a subscriber keeps up, pacing bounds its backlog (the high-water mark plus
+//!   what its publishers had in flight) and it loses nothing. Once it is slow, the session's
+//!   [`Quota`](crate::quota::Quota) bounds the backlog in messages and bytes; past it, the
+//!   session loses messages (the router drops new ones, or the connection its oldest unsent ones
+//!   — counted and logged by [`Drops`](crate::quota::Drops)).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,10 +28,13 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::quota::{self, Quota};
 use crate::store::{Message, Qos};
 
-/// A subscriber's backlog at which publishers to it are held back.
+/// A subscriber's backlog at which publishers to it are held back: this many messages, or …
 pub const HIGH_WATER: usize = 1_000;
-/// The backlog at which they are let go again.
+/// … this many bytes of them (big messages reach it first).
+pub const HIGH_WATER_BYTES: u64 = 8 << 20;
+/// The backlog at which they are let go again (in messages and in bytes).
 pub const LOW_WATER: usize = HIGH_WATER / 2;
+const LOW_WATER_BYTES: u64 = HIGH_WATER_BYTES / 2;
 /// The longest a publisher is held for one subscriber's backlog; past it the subscriber is slow
 /// and holds nobody until it is down to [`LOW_WATER`].
 pub const HOLD_MAX: Duration = Duration::from_millis(250);
@@ -93,17 +98,20 @@ pub struct Backlog {
 }
 
 impl Backlog {
-    /// One more delivery of `size` bytes; returns the deliveries queued now.
-    pub fn add(&self, size: u64) -> usize {
+    /// One more delivery of `size` bytes.
+    pub fn add(&self, size: u64) {
         self.bytes.fetch_add(size, Ordering::AcqRel);
-        self.queued.fetch_add(1, Ordering::AcqRel) + 1
+        self.queued.fetch_add(1, Ordering::AcqRel);
     }
 
     /// `n` deliveries of `bytes` in all were encoded for the socket (or dropped).
     pub fn sent(&self, n: usize, bytes: u64) {
-        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let left_bytes = self
+            .bytes
+            .fetch_sub(bytes, Ordering::AcqRel)
+            .saturating_sub(bytes);
         let left = self.queued.fetch_sub(n, Ordering::AcqRel).saturating_sub(n);
-        if left <= LOW_WATER {
+        if left <= LOW_WATER && left_bytes <= LOW_WATER_BYTES {
             self.slow.store(false, Ordering::Release);
             if self.waited_on.swap(false, Ordering::AcqRel) {
                 self.drained.notify_waiters();
@@ -119,15 +127,33 @@ impl Backlog {
         )
     }
 
-    /// Whether one more message of `size` fits in `quota`.
+    /// Whether one more message of `size` may wait here: always while the connection keeps up
+    /// (its publishers are paced, which bounds what waits), else if it fits in `quota`.
     pub fn admits(&self, quota: &Quota, size: u64) -> bool {
+        if !self.quota_applies() {
+            return true;
+        }
         let (messages, bytes) = self.level();
         quota.admits(messages, bytes, size)
     }
 
+    /// Whether what waits is over `quota` and the quota applies.
+    pub fn over(&self, quota: &Quota) -> bool {
+        let (messages, bytes) = self.level();
+        self.quota_applies() && quota.exceeded_by(messages, bytes)
+    }
+
+    /// The quota applies from the moment the connection does not keep up (it kept a publisher
+    /// waiting for [`HOLD_MAX`]) until it is well within its quota again (the episode over it
+    /// ends): in between, pacing no longer bounds what waits.
+    fn quota_applies(&self) -> bool {
+        self.slow.load(Ordering::Acquire) || self.over.load(Ordering::Acquire)
+    }
+
     /// Whether publishers are held for it now (past the high-water mark and not slow).
-    fn congested(&self, queued: usize) -> bool {
-        queued > HIGH_WATER && !self.slow.load(Ordering::Acquire)
+    fn congested(&self) -> bool {
+        let (queued, bytes) = self.level();
+        (queued > HIGH_WATER || bytes > HIGH_WATER_BYTES) && !self.slow.load(Ordering::Acquire)
     }
 
     /// Marks an episode over the quota; true if one was not already under way.
@@ -175,7 +201,8 @@ impl Backlog {
             self.waited_on.store(true, Ordering::Release);
             if self.closed.load(Ordering::Acquire)
                 || self.slow.load(Ordering::Acquire)
-                || self.queued.load(Ordering::Acquire) <= LOW_WATER
+                || (self.queued.load(Ordering::Acquire) <= LOW_WATER
+                    && self.bytes.load(Ordering::Acquire) <= LOW_WATER_BYTES)
             {
                 return;
             }
@@ -209,8 +236,8 @@ impl Outbox {
     pub fn deliver(&self, deliver: Deliver) -> bool {
         let size = deliver.size();
         if self.tx.send(ToConn::Deliver(deliver)).is_ok() {
-            let queued = self.backlog.add(size);
-            self.backlog.congested(queued)
+            self.backlog.add(size);
+            self.backlog.congested()
         } else {
             false
         }

@@ -4,7 +4,8 @@
 //! A session's *backlog* is what waits to be sent to its client: for a connected client, the
 //! deliveries its connection has not written yet (see [`crate::outbox::Backlog`]); for an offline
 //! persistent session, its queue in the store. One [`Quota`] bounds both, in messages and in
-//! bytes. Past it, the session loses messages — never anyone else: a session over its quota does
+//! bytes — for a connected client once it does not keep up: until then its publishers are paced,
+//! which bounds its backlog without losing anything. Past it, the session loses messages — never anyone else: a session over its quota does
 //! not refuse, hold or slow other clients' traffic. Which messages it loses is the operator's
 //! choice ([`Overflow`]) — for an offline session a QoS 0 message waiting goes before any QoS 1/2
 //! one; a connected session loses the new message or its oldest unsent ones as they are — and

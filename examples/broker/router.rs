@@ -15,10 +15,10 @@
 //! connection sends PUBACK / PUBREC only then, and holds its further requests while answers are
 //! outstanding (see [`crate::connection`]).
 //!
-//! **Quotas.** A connected session over its quota loses the new message (`drop-new`: it is
-//! neither handed to its connection nor queued in the store for it) or its connection drops its
-//! oldest unsent ones (`drop-oldest`); an offline one is held to it by the store. Nobody else's
-//! traffic is refused or held for it (see [`crate::quota`]).
+//! **Quotas.** A connected session that does not keep up, over its quota, loses the new message
+//! (`drop-new`: it is neither handed to its connection nor queued in the store for it) or its
+//! connection drops its oldest unsent ones (`drop-oldest`); an offline one is held to it by the
+//! store. Nobody else's traffic is refused or held for it (see [`crate::quota`]).
 //!
 //! **A store that cannot write** (a full disk): what needs the disk is refused before it is
 //! routed — a QoS 1/2 publication for a persistent session or retained, a persistent CONNECT,
@@ -506,8 +506,8 @@ impl Router {
         }))
     }
 
-    /// Whether a connected session takes one more message of `size` bytes. Over its quota with
-    /// [`Overflow::DropNew`], it does not: the message is dropped for it (counted, logged once
+    /// Whether a connected session takes one more message of `size` bytes. Not keeping up and
+    /// over its quota with [`Overflow::DropNew`], it does not: the message is dropped for it (counted, logged once
     /// per episode) and for nobody else. With [`Overflow::DropOldest`] it always does: its
     /// connection drops its oldest unsent messages instead.
     fn admits(&self, client: &str, outbox: &Outbox, size: u64) -> bool {
