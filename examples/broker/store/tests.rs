@@ -1185,6 +1185,10 @@ fn the_log_shrinks_once_a_big_queue_is_delivered() {
         }
     }
     assert_eq!(store.state().body_bytes(), 0);
+    eprintln!(
+        "shrink: the log peaked at {peak} bytes with the queue, {} bytes once it was delivered",
+        store.log_len()
+    );
     assert!(
         store.log_len() < peak / 10,
         "{} bytes left of {peak} after the queue was delivered",
