@@ -1025,6 +1025,21 @@ fn send_and_end(mut raw: Raw, request: Packet, ending: Ending) {
     }
 }
 
+/// Back as `id` (its session kept; subscribed now to the sentinel `s/{id}` if `sentinel`):
+/// publishes to `t/{id}`, then to `s/{id}`, and returns the topic of the first message it gets.
+fn first_back(addr: SocketAddr, id: &str, sentinel: bool) -> String {
+    let (mut raw, present) = Raw::connect(addr, id, false);
+    assert!(present, "`{id}`: its session is kept");
+    if sentinel {
+        raw.sub(&[(&format!("s/{id}"), QoS::AtLeastOnce)]);
+    }
+    raw.publish(&format!("t/{id}"), QoS::AtLeastOnce, b"x", false);
+    raw.publish(&format!("s/{id}"), QoS::AtLeastOnce, b"end", false);
+    let first = raw.recv_publish().topic;
+    raw.disconnect();
+    first
+}
+
 /// 3.14.4, 4.6.0 [MQTT-4.6.0-1..6]: the packets of a connection are processed in order, so a
 /// SUBSCRIBE or UNSUBSCRIBE right before DISCONNECT (or before the connection closes) takes
 /// effect, and a persistent session has it when the client comes back. Each way of ending is
@@ -1045,21 +1060,14 @@ fn subscribe_or_unsubscribe_right_before_the_connection_ends_is_applied() {
             sub.pkid = raw.pkid();
             send_and_end(raw, Packet::Subscribe(sub), ending);
         }
-        let mut missing = 0;
-        for i in 0..TRIES {
-            let id = format!("sub-{ending:?}-{i}");
-            let (mut raw, present) = Raw::connect(addr, &id, false);
-            assert!(present, "`{id}`: its session is kept");
-            // The sentinel: a subscription made now. Were `t/` not applied, the sentinel's
-            // message would be the first to come back.
-            raw.sub(&[(&format!("s/{id}"), QoS::AtLeastOnce)]);
-            raw.publish(&format!("t/{id}"), QoS::AtLeastOnce, b"x", false);
-            raw.publish(&format!("s/{id}"), QoS::AtLeastOnce, b"end", false);
-            if raw.recv_publish().topic != format!("t/{id}") {
-                missing += 1;
-            }
-            raw.disconnect();
-        }
+        // The sentinel is a subscription made now: were `t/` not applied, the sentinel's
+        // message would be the first to come back.
+        let missing = (0..TRIES)
+            .filter(|i| {
+                let id = format!("sub-{ending:?}-{i}");
+                first_back(addr, &id, true) != format!("t/{id}")
+            })
+            .count();
         if missing > 0 {
             lost.push(format!(
                 "SUBSCRIBE then {ending:?}: {missing} of {TRIES} not applied"
@@ -1078,18 +1086,12 @@ fn subscribe_or_unsubscribe_right_before_the_connection_ends_is_applied() {
             unsub.pkid = raw.pkid();
             send_and_end(raw, Packet::Unsubscribe(unsub), ending);
         }
-        let mut kept = 0;
-        for i in 0..TRIES {
-            let id = format!("unsub-{ending:?}-{i}");
-            let (mut raw, present) = Raw::connect(addr, &id, false);
-            assert!(present, "`{id}`: its session is kept");
-            raw.publish(&format!("t/{id}"), QoS::AtLeastOnce, b"x", false);
-            raw.publish(&format!("s/{id}"), QoS::AtLeastOnce, b"end", false);
-            if raw.recv_publish().topic != format!("s/{id}") {
-                kept += 1;
-            }
-            raw.disconnect();
-        }
+        let kept = (0..TRIES)
+            .filter(|i| {
+                let id = format!("unsub-{ending:?}-{i}");
+                first_back(addr, &id, false) != format!("s/{id}")
+            })
+            .count();
         if kept > 0 {
             lost.push(format!(
                 "UNSUBSCRIBE then {ending:?}: {kept} of {TRIES} not applied"

@@ -157,15 +157,8 @@ fn assert_closed(broker: &Broker, bad: &mut Raw, peer: SocketAddr, what: &str, l
         Ok(took) => eprintln!("{what}: closed after {took:?}"),
         Err(e) => panic!("{what}: {e}; the broker's output:\n{}", broker.output()),
     }
-    if logged && under_test() == "ours" {
-        assert!(
-            broker
-                .lines
-                .wait_for(REPLY_WITHIN, |l| names_peer(l, peer))
-                .is_some(),
-            "{what}: no log line names the peer {peer}; the broker's output:\n{}",
-            broker.output()
-        );
+    if logged {
+        assert_logged(broker, peer, what);
     }
 }
 

@@ -101,14 +101,21 @@ impl std::str::FromStr for Budget {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match humantime::parse_duration(s) {
-            Ok(d) if d.is_zero() => Err("must be more than zero".to_owned()),
-            Ok(d) if d > Duration::from_secs(24 * 3600) => {
+        match positive_duration(s, "30s, 500ms or 2m")? {
+            d if d > Duration::from_secs(24 * 3600) => {
                 Err("must be at most a day (24h)".to_owned())
             }
-            Ok(d) => Ok(Budget(d)),
-            Err(e) => Err(format!("{e} (write it like 30s, 500ms or 2m)")),
+            d => Ok(Budget(d)),
         }
+    }
+}
+
+/// A humantime duration (`30s`, `1m 30s`, `7d`) that is not zero; `examples` for the error.
+fn positive_duration(s: &str, examples: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than zero".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e} (write it like {examples})")),
     }
 }
 
@@ -120,10 +127,6 @@ impl std::str::FromStr for Expiration {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match humantime::parse_duration(s) {
-            Ok(d) if d.is_zero() => Err("must be more than zero".to_owned()),
-            Ok(d) => Ok(Expiration(d)),
-            Err(e) => Err(format!("{e} (write it like 1h, 7d or 90s)")),
-        }
+        positive_duration(s, "1h, 7d or 90s").map(Expiration)
     }
 }
