@@ -852,11 +852,14 @@ fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
 fn a_full_disk_refuses_what_needs_it_keeps_the_rest_flowing_and_recovers() {
     let data = DataDir::new("full_disk");
     let flag = data.path().with_extension("full");
-    let (mut broker, disk) = match Broker::ours_on_small_fs(&data, "4m", &[]) {
-        Some(broker) => {
-            let filler = broker.own_fs_path(&data.path().join("filler"));
-            (broker, FullDisk::Filler(filler))
-        }
+    // The small filesystem, where it can be made and this process can reach into it.
+    let small = Broker::ours_on_small_fs(&data, "4m", &[]).and_then(|broker| {
+        let filler = broker.own_fs_path(&data.path().join("filler"));
+        std::fs::write(&filler, b"").ok()?;
+        Some((broker, filler))
+    });
+    let (mut broker, disk) = match small {
+        Some((broker, filler)) => (broker, FullDisk::Filler(filler)),
         None => {
             eprintln!("full-disk: no tmpfs can be mounted here; using --fail-writes-while");
             let flag_arg = flag.display().to_string();
