@@ -62,9 +62,9 @@ pub struct Args {
 
     /// Messages waiting for one session, at most: for a connected client that does not keep up
     /// (one that does paces its publishers instead), those not written to its socket yet; for an
-    /// offline persistent session, its queue. A session past this (or past
-    /// --max-queued-bytes) loses messages as --queue-overflow says (offline, QoS 0 ones first), counted
-    /// and logged once per episode, naming it; no other client is refused or slowed for it.
+    /// offline persistent session, its queue. A session past this (or past --max-queued-bytes)
+    /// loses messages as --queue-overflow says (offline, QoS 0 ones first), counted and logged
+    /// once per episode, naming it; no other client is refused or slowed for it.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queued: u64,
 

@@ -20,10 +20,10 @@
 //! **Outbound PUBLISH.** Deliveries wait in `pending` until the client's window has room (at most
 //! `max_inflight` QoS 1/2 messages unacknowledged) and the output buffer is below
 //! [`OUT_HIGH`]; only then are they encoded, so a client that does not read holds its backlog
-//! in the gauge the router watches, not in an ever-growing buffer. That backlog is bounded by
-//! the session's quota (see [`crate::quota`]): the router stops handing over new messages past it
-//! (`drop-new`), or the connection drops its oldest pending ones (`drop-oldest`, with a
-//! `DropQueued` op for those the store holds).
+//! in the gauge the router watches, not in an ever-growing buffer. While the client keeps up,
+//! pacing bounds that backlog; once it does not, the session's quota does (see [`crate::quota`]):
+//! the router stops handing over new messages past it (`drop-new`), or the connection drops its
+//! oldest pending ones (`drop-oldest`, with a `DropQueued` op for those the store holds).
 //!
 //! **Persistent sessions.** A delivery the store holds for the session (`stored`) is logged as
 //! `Sent` when encoded and `Completed` when acknowledged, so after a restart the session resumes
@@ -1351,11 +1351,11 @@ impl Conn {
         }
         let _ = self.writer.shutdown().await;
         self.outbox.backlog.close();
-        if self.clean && self.registered {
-            // A persistent session's episode goes on offline, in the store.
-            self.shared.store.stats().drops.ended(&self.client);
-        }
         if self.registered {
+            if self.clean {
+                // A persistent session's episode goes on offline, in the store.
+                self.shared.store.stats().drops.ended(&self.client);
+            }
             let _ = self.shared.router.do_send(Disconnected {
                 client: std::mem::take(&mut self.client),
                 conn: self.id,

@@ -9,10 +9,11 @@
 //! - **Pacing.** When a subscriber's backlog passes [`HIGH_WATER`] messages (or
 //!   [`HIGH_WATER_BYTES`]), the router holds back the reply to the publishers whose messages
 //!   went there (their connections hold further requests meanwhile, and stop reading their
-//!   sockets once they hold a few hundred KiB), until the subscriber is down to [`LOW_WATER`]. A subscriber that keeps up paces its publishers and
-//!   loses nothing. One that does not get there within [`HOLD_MAX`] is *slow*: it holds nobody
-//!   from then on, until it is down to `LOW_WATER` again (WARN once per episode, naming it). So
-//!   a client that stops reading costs each publisher at most `HOLD_MAX` once, not its traffic.
+//!   sockets once they hold a few hundred KiB), until the subscriber is down to [`LOW_WATER`].
+//!   A subscriber that keeps up paces its publishers and loses nothing. One that does not get
+//!   there within [`HOLD_MAX`] is *slow*: it holds nobody from then on, until it is down to
+//!   `LOW_WATER` again (WARN once per episode, naming it). So a client that stops reading costs
+//!   each publisher at most `HOLD_MAX` once, not its traffic.
 //! - **Quota.** While a subscriber keeps up, pacing bounds its backlog (the high-water mark plus
 //!   what its publishers had in flight) and it loses nothing. Once it is slow, the session's
 //!   [`Quota`](crate::quota::Quota) bounds the backlog in messages and bytes; past it, the
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::quota::{self, Quota};
+use crate::quota::Quota;
 use crate::store::{Message, Qos};
 
 /// A subscriber's backlog at which publishers to it are held back: this many messages, or …
@@ -58,7 +59,7 @@ pub struct Deliver {
 impl Deliver {
     /// What it costs against the byte quota.
     pub fn size(&self) -> u64 {
-        quota::size_of(&self.msg.topic, &self.msg.payload)
+        self.msg.size()
     }
 }
 
@@ -111,7 +112,7 @@ impl Backlog {
             .fetch_sub(bytes, Ordering::AcqRel)
             .saturating_sub(bytes);
         let left = self.queued.fetch_sub(n, Ordering::AcqRel).saturating_sub(n);
-        if left <= LOW_WATER && left_bytes <= LOW_WATER_BYTES {
+        if at_low_water(left, left_bytes) {
             self.slow.store(false, Ordering::Release);
             if self.waited_on.swap(false, Ordering::AcqRel) {
                 self.drained.notify_waiters();
@@ -156,9 +157,9 @@ impl Backlog {
         (queued > HIGH_WATER || bytes > HIGH_WATER_BYTES) && !self.slow.load(Ordering::Acquire)
     }
 
-    /// Marks an episode over the quota; true if one was not already under way.
-    pub fn mark_over(&self) -> bool {
-        !self.over.swap(true, Ordering::AcqRel)
+    /// Marks an episode over the quota (if one is not under way already).
+    pub fn mark_over(&self) {
+        self.over.store(true, Ordering::Release);
     }
 
     /// Ends the episode over the quota if one is under way and the backlog is well within
@@ -199,16 +200,21 @@ impl Backlog {
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.waited_on.store(true, Ordering::Release);
+            let (queued, bytes) = self.level();
             if self.closed.load(Ordering::Acquire)
                 || self.slow.load(Ordering::Acquire)
-                || (self.queued.load(Ordering::Acquire) <= LOW_WATER
-                    && self.bytes.load(Ordering::Acquire) <= LOW_WATER_BYTES)
+                || at_low_water(queued, bytes)
             {
                 return;
             }
             notified.await;
         }
     }
+}
+
+/// Whether a backlog of `queued` messages and `bytes` is down to the low-water mark.
+fn at_low_water(queued: usize, bytes: u64) -> bool {
+    queued <= LOW_WATER && bytes <= LOW_WATER_BYTES
 }
 
 /// The sending side of a connection's mailbox, as the router and the sessions supervisor hold it.

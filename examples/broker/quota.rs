@@ -5,8 +5,8 @@
 //! deliveries its connection has not written yet (see [`crate::outbox::Backlog`]); for an offline
 //! persistent session, its queue in the store. One [`Quota`] bounds both, in messages and in
 //! bytes — for a connected client once it does not keep up: until then its publishers are paced,
-//! which bounds its backlog without losing anything. Past it, the session loses messages — never anyone else: a session over its quota does
-//! not refuse, hold or slow other clients' traffic. Which messages it loses is the operator's
+//! which bounds its backlog without losing anything. Past it, the session loses messages — never
+//! anyone else: a session over its quota does not refuse, hold or slow other clients' traffic. Which messages it loses is the operator's
 //! choice ([`Overflow`]) — for an offline session a QoS 0 message waiting goes before any QoS 1/2
 //! one; a connected session loses the new message or its oldest unsent ones as they are — and
 //! every loss is counted ([`Drops`]) and logged once per *episode* (from the first loss until the
@@ -70,11 +70,6 @@ impl Quota {
     pub fn recovered(&self, messages: usize, bytes: u64) -> bool {
         messages <= self.messages / 2 && bytes <= self.bytes / 2
     }
-}
-
-/// What a message costs against the byte quota.
-pub fn size_of(topic: &str, payload: &[u8]) -> u64 {
-    (topic.len() + payload.len()) as u64
 }
 
 /// The losses of sessions over their quota: a total, and per session its total and its current

@@ -50,7 +50,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::outbox::{ConnId, Deliver, Outbox, ToConn, HOLD_MAX};
-use crate::quota::{self, Drops, Overflow, Quota};
+use crate::quota::{Overflow, Quota};
 use crate::store::{Delivery, Message, MsgId, Op, PacketId, Qos, State, StoreClient, StoreError};
 use crate::topic::{self, Subscriptions, TopicFilter, TopicName};
 
@@ -217,8 +217,6 @@ pub struct Router {
     /// Told to stop for a restart.
     restarting: bool,
     config: RouterConfig,
-    quota: Quota,
-    drops: Arc<Drops>,
     /// Persistent sessions not connected, and since when (Unix milliseconds): for expiry.
     offline_since: HashMap<String, u64>,
     /// Commits sent through [`commit_checked`](Self::commit_checked), numbered from 0.
@@ -236,8 +234,6 @@ pub struct Router {
 impl Router {
     pub fn new(store: StoreClient, config: RouterConfig) -> Router {
         Router {
-            drops: store.stats().drops.clone(),
-            quota: config.quota,
             config,
             offline_since: HashMap::new(),
             commits: std::cell::Cell::new(0),
@@ -403,7 +399,7 @@ impl Router {
                     committed.await?;
                 }
                 let restored = match restored {
-                    Some(read) => Some(read.await.map_err(store_failed)?),
+                    Some(read) => Some(read.await.map_err(RouteError::from)?),
                     None => None,
                 };
                 Ok(Connected {
@@ -507,15 +503,16 @@ impl Router {
     }
 
     /// Whether a connected session takes one more message of `size` bytes. Not keeping up and
-    /// over its quota with [`Overflow::DropNew`], it does not: the message is dropped for it (counted, logged once
-    /// per episode) and for nobody else. With [`Overflow::DropOldest`] it always does: its
+    /// over its quota with [`Overflow::DropNew`], it does not: the message is dropped for it
+    /// (counted, logged once per episode) and for nobody else. With [`Overflow::DropOldest`] it always does: its
     /// connection drops its oldest unsent messages instead.
     fn admits(&self, client: &str, outbox: &Outbox, size: u64) -> bool {
-        if self.quota.overflow == Overflow::DropOldest || outbox.backlog.admits(&self.quota, size) {
+        let quota = &self.config.quota;
+        if quota.overflow == Overflow::DropOldest || outbox.backlog.admits(quota, size) {
             return true;
         }
         outbox.backlog.mark_over();
-        self.drops.dropped(client, 1, &self.quota, false);
+        self.store.stats().drops.dropped(client, 1, quota, false);
         false
     }
 
@@ -549,7 +546,6 @@ impl Router {
             retain,
             ..
         } = publication;
-        let size = quota::size_of(topic.as_str(), &payload);
         let msg = Arc::new(Message {
             id,
             topic: topic.as_str().to_owned(),
@@ -557,6 +553,7 @@ impl Router {
             qos,
             retain,
         });
+        let size = msg.size();
         if retain && disk {
             if msg.payload.is_empty() {
                 self.retained.remove(&topic);
@@ -623,11 +620,7 @@ impl Router {
         }
         if let Some(online) = self.online.get(&client) {
             for (msg, qos) in retained {
-                if !self.admits(
-                    &client,
-                    &online.outbox,
-                    quota::size_of(&msg.topic, &msg.payload),
-                ) {
+                if !self.admits(&client, &online.outbox, msg.size()) {
                     continue;
                 }
                 let stored = persistent && qos > 0;
@@ -694,7 +687,7 @@ impl Router {
                 if let (StoreError::WriteFailed(_) | StoreError::NoDisk(_), Some(me)) = (&e, &me) {
                     me.do_send(Resync { after: Some(seq) });
                 }
-                store_failed(e)
+                RouteError::from(e)
             })?;
             match commit.rejected {
                 None => Ok(()),
@@ -796,7 +789,7 @@ impl Router {
             self.subscriptions.remove_client(&client);
             self.persistent.remove(&client);
             self.undone_inbound.remove(&client);
-            self.drops.ended(&client);
+            self.store.stats().drops.ended(&client);
             log::info!(
                 target: LOG,
                 "session `{client}` expired: offline for {:?}, more than \
@@ -920,10 +913,6 @@ fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn store_failed(e: StoreError) -> RouteError {
-    RouteError::from(e)
 }
 
 impl From<StoreError> for RouteError {

@@ -27,8 +27,9 @@
 //! get the message as usual. Each loss is counted and logged once per episode, naming the session
 //! ([`Drops`], shared with the router and the connections, which apply the same quota to
 //! connected sessions). The quota is for *offline* sessions: a connected one
-//! ([`StoreClient::set_online`]) has none here, because its connection applies the quota to what
-//! it has not sent yet, and an entry it was handed must stay until acknowledged.
+//! ([`StoreClient::set_online`]) has none here, because the router and its connection apply it to
+//! what the connection has not sent yet, and an entry it was handed must stay until
+//! acknowledged.
 //!
 //! **Expiry.** When a persistent session goes offline the router logs the time ([`Op::LastSeen`]),
 //! so a session that stays away longer than `--persistent-client-expiration` is dropped however
@@ -89,8 +90,8 @@
 //! **Compaction.** When the log is at least [`StoreConfig::compact_min_bytes`] and at least
 //! [`StoreConfig::compact_ratio`] times the size of the last snapshot (or of the log at open), or
 //! the stored messages have shrunk below `1/compact_ratio` of what they were then (a big queue was
-//! delivered: the log would otherwise keep its size for good), the live state is written as ops ([`State::snapshot`]) to `store.log.compact`, fsynced, renamed over
-//! `store.log` (atomic), and the directory fsynced. A crash before the rename leaves the old log
+//! delivered: the log would otherwise keep its size for good), the live state is written as ops
+//! ([`State::snapshot`]) to `store.log.compact`, fsynced, renamed over `store.log` (atomic), and the directory fsynced. A crash before the rename leaves the old log
 //! complete (and the temporary file, which the next open deletes); after it, the new one. A log at
 //! least `compact_min_bytes` long is also compacted at open. The log is created the same way
 //! (an empty snapshot renamed into place), so it never exists without its header. The rule is
@@ -120,7 +121,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::quota::{self, Drops, Overflow, Quota};
+use crate::quota::{Drops, Overflow, Quota};
 
 /// The log target of everything the store says.
 const LOG: &str = "broker::store";
@@ -165,6 +166,13 @@ pub struct Message {
     /// Published with the retain flag: a [`Op::Publish`] of it also sets (or, with an empty
     /// payload, deletes) the retained message of its topic.
     pub retain: bool,
+}
+
+impl Message {
+    /// What it costs against the byte quota (see [`Quota`]): its topic and its payload.
+    pub fn size(&self) -> u64 {
+        (self.topic.len() + self.payload.len()) as u64
+    }
 }
 
 /// One recipient of a [`Op::Publish`]: a persistent session and the QoS it gets the message at.
@@ -440,9 +448,7 @@ fn hold(messages: &mut BTreeMap<MsgId, Body>, id: MsgId) {
 
 /// What a stored body costs against the byte quota (0 if it is not stored).
 fn body_size(messages: &BTreeMap<MsgId, Body>, id: MsgId) -> u64 {
-    messages
-        .get(&id)
-        .map_or(0, |b| quota::size_of(&b.msg.topic, &b.msg.payload))
+    messages.get(&id).map_or(0, |b| b.msg.size())
 }
 
 /// What the quota looks at in one session's queue.
@@ -477,8 +483,7 @@ fn release(messages: &mut BTreeMap<MsgId, Body>, body_bytes: &mut u64, id: MsgId
         body.refs = body.refs.saturating_sub(1);
         if body.refs == 0 {
             if let Some(body) = messages.remove(&id) {
-                *body_bytes =
-                    body_bytes.saturating_sub(quota::size_of(&body.msg.topic, &body.msg.payload));
+                *body_bytes = body_bytes.saturating_sub(body.msg.size());
             }
         }
     }
@@ -720,7 +725,7 @@ impl State {
                         release(messages, &mut self.body_bytes, previous);
                     }
                 }
-                let size = quota::size_of(&msg.topic, &msg.payload);
+                let size = msg.size();
                 for d in to {
                     if let Some(s) = sessions.get_mut(&d.client) {
                         s.queue.push_back(Queued {
@@ -835,7 +840,7 @@ impl State {
             Op::Message(msg) => {
                 self.next_message_id = self.next_message_id.max(msg.id.saturating_add(1));
                 let msg = msg.clone();
-                self.body_bytes += quota::size_of(&msg.topic, &msg.payload);
+                self.body_bytes += msg.size();
                 messages.insert(msg.id, Body { msg, refs: 0 });
             }
             Op::Retained { msg } => {
@@ -875,8 +880,7 @@ impl State {
         let body_bytes = &mut self.body_bytes;
         self.messages.retain(|_, body| {
             if body.refs == 0 {
-                *body_bytes =
-                    body_bytes.saturating_sub(quota::size_of(&body.msg.topic, &body.msg.payload));
+                *body_bytes = body_bytes.saturating_sub(body.msg.size());
             }
             body.refs > 0
         });
@@ -915,7 +919,7 @@ impl State {
             Op::Publish { msg, to } => {
                 let wanted: Vec<(&str, Qos)> =
                     to.iter().map(|d| (d.client.as_str(), d.qos)).collect();
-                let size = quota::size_of(&msg.topic, &msg.payload);
+                let size = msg.size();
                 let room = self.make_room(&wanted, size, quota);
                 let to: Vec<Delivery> = to
                     .into_iter()
@@ -986,7 +990,7 @@ impl State {
                 bytes: waiting.bytes,
                 qos0: waiting.qos0,
             };
-            // The new entries kept so far, oldest first, and which of them are QoS 0.
+            // The new entries kept so far, oldest first.
             let mut kept: VecDeque<usize> = VecDeque::new();
             let mut count = 0;
             for i in entries {
@@ -1623,16 +1627,8 @@ impl Store {
         if self.staged.is_empty() {
             return Ok(false);
         }
-        let injected = self.config.fail_fsync == Some(StoreStats::get(&self.stats.fsyncs) + 1);
         let mut staged = std::mem::take(&mut self.staged);
-        let written = if injected {
-            // Counted, so the next instance does not fail at the same number again.
-            self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-            Err(io::Error::other("injected failure (--fail-fsync)"))
-        } else {
-            self.append(&staged)
-        };
-        if let Err(e) = written {
+        if let Err(e) = self.append(&staged) {
             let path = self.log_path.clone();
             let cause = io_error("cannot append to", &path)(e);
             return Err(self.roll_back(cause));
@@ -1641,13 +1637,17 @@ impl Store {
         // The buffer is kept for the next batch.
         staged.clear();
         self.staged = staged;
-        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 
-    /// One `write` and one `fsync` of `bytes` at the end of the log (or the failure
-    /// `--fail-writes-while` injects).
+    /// One `write` and one `fsync` of `bytes` at the end of the log, counted (or the failure
+    /// `--fail-fsync` or `--fail-writes-while` injects).
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.config.fail_fsync == Some(StoreStats::get(&self.stats.fsyncs) + 1) {
+            // Counted, so the next instance does not fail at the same number again.
+            self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+            return Err(io::Error::other("injected failure (--fail-fsync)"));
+        }
         if let Some(flag) = &self.config.fail_writes_while {
             if flag.exists() {
                 return Err(io::Error::new(
@@ -1660,7 +1660,24 @@ impl Store {
             }
         }
         self.file.write_all(bytes)?;
-        self.file.sync_data()
+        self.file.sync_data()?;
+        self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Cuts the log back to its last durable byte (what a failed write may have left past it),
+    /// and puts the handle there. If even that fails the store cannot trust its file: it is
+    /// poisoned, and the error returned.
+    fn cut_back(&mut self) -> Result<(), StoreError> {
+        let cut = self
+            .file
+            .set_len(self.len)
+            .and_then(|()| self.file.sync_all())
+            .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop));
+        cut.map_err(|e| {
+            let path = self.log_path.clone();
+            self.poison(io_error("cannot cut back", &path)(e))
+        })
     }
 
     /// After a failed write: cuts what may have reached the file past its last durable byte,
@@ -1670,14 +1687,8 @@ impl Store {
     /// cannot trust itself: it is poisoned instead (and its worker restarted).
     fn roll_back(&mut self, cause: StoreError) -> StoreError {
         self.staged.clear();
-        let cut = self
-            .file
-            .set_len(self.len)
-            .and_then(|()| self.file.sync_all())
-            .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop));
-        if let Err(e) = cut {
-            let path = self.log_path.clone();
-            return self.poison(io_error("cannot cut back", &path)(e));
+        if let Err(e) = self.cut_back() {
+            return e;
         }
         let replayed = File::open(&self.log_path)
             .map_err(io_error("cannot read", &self.log_path))
@@ -1742,7 +1753,6 @@ impl Store {
         match self.append(&record) {
             Ok(()) => {
                 self.len += record.len() as u64;
-                self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
                 self.degraded = None;
                 let down = self.stats.disk.recover();
                 log::info!(
@@ -1755,14 +1765,8 @@ impl Store {
             }
             Err(e) => {
                 log::debug!(target: LOG, "{}: still cannot write: {e}", self.log_path.display());
-                let cut = self
-                    .file
-                    .set_len(self.len)
-                    .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(drop));
-                if let Err(e) = cut {
-                    let path = self.log_path.clone();
-                    self.poison(io_error("cannot cut back", &path)(e));
-                }
+                // Poisoned if it fails: then no probe helps, only a restart.
+                let _ = self.cut_back();
                 false
             }
         }
@@ -1795,10 +1799,16 @@ impl Store {
         let path = self.config.dir.join(COMPACT_FILE);
         write_snapshot(&path, &self.state).inspect_err(|_| {
             let _ = fs::remove_file(&path);
-            // Do not try again before the log has grown by the ratio once more.
-            self.base = self.len;
-            self.base_bodies = self.state.body_bytes();
+            // Do not try again before the log has grown, or the state shrunk, by the ratio once
+            // more.
+            self.rebase();
         })
+    }
+
+    /// The compaction rule's base is the log and the state as they are now.
+    fn rebase(&mut self) {
+        self.base = self.len;
+        self.base_bodies = self.state.body_bytes();
     }
 
     /// Compaction, steps 3–4: rename the snapshot over the log, sync the directory.
@@ -1806,8 +1816,7 @@ impl Store {
         let path = self.config.dir.join(COMPACT_FILE);
         if let Err(e) = fs::rename(&path, &self.log_path) {
             let _ = fs::remove_file(&path);
-            self.base = self.len;
-            self.base_bodies = self.state.body_bytes();
+            self.rebase();
             return Err(io_error(
                 "cannot rename the compacted log to",
                 &self.log_path,
@@ -1817,8 +1826,7 @@ impl Store {
         // The renamed file is the log now; its handle is at its end.
         self.file = file;
         self.len = len;
-        self.base = len;
-        self.base_bodies = self.state.body_bytes();
+        self.rebase();
         // Until the rename is durable a crash may bring back the old log, which lacks whatever is
         // appended from now on: nothing may be appended before this succeeds.
         if let Err(e) = sync_dir(&self.config.dir) {
